@@ -1,0 +1,262 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) for one scored dermoscopy image.
+
+The report holds, per source image, one TID 1501 measurement group: the melanoma probability
+(DCM 111047), the decision at the operating point (DCM 121071 Finding), the algorithm (TID 4019,
+family DCM 123110), the finding site, and the demographics the model used with their sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from plugin.domain import Demographics, Finding, ImageRef, ModelIdentity, Source
+
+PRIVATE_SCHEME = "99DERMFUSION"
+PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")
+FINDING = Code("121071", "DCM", "Finding")
+ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
+MELANOMA = Code("1162635006", "SCT", "Malignant melanoma")
+NEGATIVE = Code("260385009", "SCT", "Negative")
+EVALUATION_PROCEDURE = Code("386053000", "SCT", "Evaluation procedure")
+SUBJECT_AGE = Code("121033", "DCM", "Subject Age")
+SUBJECT_SEX = Code("121032", "DCM", "Subject Sex")
+NO_UNITS = Code("1", "UCUM", "no units")
+YEARS = Code("a", "UCUM", "year")
+SEX_CODES = {"male": Code("M", "DCM", "Male"), "female": Code("F", "DCM", "Female")}
+OPERATING_THRESHOLD = Code("threshold", PRIVATE_SCHEME, "Operating threshold")
+SOURCE_CODES = {
+    "age": Code("age-source", PRIVATE_SCHEME, "Source of subject age"),
+    "sex": Code("sex-source", PRIVATE_SCHEME, "Source of subject sex"),
+    "site": Code("site-source", PRIVATE_SCHEME, "Source of lesion site"),
+}
+SERIES_NUMBER = 9901
+MANUFACTURER = "dermfusion"
+UID_PREFIX = "2.25."
+
+
+def sr_instance_uid(source: ImageRef, model: ModelIdentity) -> str:
+    """Same source image and model version → same SR SOP Instance UID (so resends overwrite)."""
+    return generate_uid(
+        prefix=None, entropy_srcs=["sr", source.sop_instance_uid, model.name, model.version]
+    )
+
+
+def sr_series_uid(study_instance_uid: str, model: ModelIdentity) -> str:
+    return generate_uid(
+        prefix=None, entropy_srcs=["series", study_instance_uid, model.name, model.version]
+    )
+
+
+def _source_text(value: object, source: Source, detail: str) -> str:
+    if value is None or source is Source.MISSING:
+        return "missing"
+    return f"{source.value}:{detail}" if detail else source.value
+
+
+def _text_item(name: Code, value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+@dataclass(frozen=True)
+class MeasurementReportWriter:
+    """Builds the SR; ``institution_name`` etc. come from configuration, not from code."""
+
+    manufacturer: str = MANUFACTURER
+    series_number: int = SERIES_NUMBER
+
+    def build(
+        self,
+        *,
+        source: Dataset,
+        ref: ImageRef,
+        finding: Finding,
+        demographics: Demographics,
+    ) -> hd.sr.Comprehensive3DSR:
+        """``source`` is the image header (no pixels needed): patient and study come from it."""
+        if not 0.0 <= finding.probability <= 1.0:
+            raise ValueError(f"finding.probability {finding.probability} is outside 0..1")
+        model = finding.model
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=model.name,
+            version=model.version,
+            family=ARTIFICIAL_INTELLIGENCE,
+            parameters=[f"threshold={finding.threshold:.6f}"],
+        )
+        measurements = [
+            hd.sr.Measurement(
+                name=PROBABILITY_OF_CANCER, value=round(finding.probability, 6), unit=NO_UNITS
+            ),
+            hd.sr.Measurement(
+                name=OPERATING_THRESHOLD, value=round(finding.threshold, 6), unit=NO_UNITS
+            ),
+        ]
+        if demographics.age.value is not None:
+            measurements.append(
+                hd.sr.Measurement(name=SUBJECT_AGE, value=float(demographics.age.value), unit=YEARS)
+            )
+        evaluations = [
+            hd.sr.QualitativeEvaluation(
+                name=FINDING, value=MELANOMA if finding.melanoma_suspected else NEGATIVE
+            )
+        ]
+        if demographics.sex.value in SEX_CODES:
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=SUBJECT_SEX, value=SEX_CODES[str(demographics.sex.value)]
+                )
+            )
+        site_code = demographics.finding_site_code()
+        finding_sites = (
+            [
+                hd.sr.FindingSite(
+                    anatomic_location=CodedConcept(
+                        site_code.value, site_code.scheme, site_code.meaning
+                    )
+                )
+            ]
+            if site_code is not None
+            else None
+        )
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=generate_uid(prefix=None, entropy_srcs=["tracking", ref.sop_instance_uid]),
+                identifier="melanoma risk",
+            ),
+            algorithm_id=algorithm,
+            finding_sites=finding_sites,
+            measurements=measurements,
+            qualitative_evaluations=evaluations,
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup(
+                    referenced_sop_class_uid=ref.sop_class_uid,
+                    referenced_sop_instance_uid=ref.sop_instance_uid,
+                )
+            ],
+        )
+        container = group[0]
+        for field, sourced in (
+            ("age", demographics.age),
+            ("sex", demographics.sex),
+            ("site", demographics.site),
+        ):
+            container.ContentSequence.append(
+                _text_item(
+                    SOURCE_CODES[field], _source_text(sourced.value, sourced.source, sourced.detail)
+                )
+            )
+        observation_context = hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=codes.cid270.Device,
+                observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                    uid=generate_uid(
+                        prefix=None, entropy_srcs=["device", model.name, model.version]
+                    ),
+                    name=model.name,
+                    manufacturer_name=self.manufacturer,
+                    model_name=f"{model.name} {model.version}",
+                ),
+            )
+        )
+        report = hd.sr.MeasurementReport(
+            observation_context=observation_context,
+            procedure_reported=EVALUATION_PROCEDURE,
+            imaging_measurements=[group],
+        )
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[source],
+            content=report[0],
+            series_instance_uid=sr_series_uid(ref.study_instance_uid, model),
+            series_number=self.series_number,
+            sop_instance_uid=sr_instance_uid(ref, model),
+            instance_number=1,
+            manufacturer=self.manufacturer,
+            is_complete=True,
+            is_final=True,
+            series_description=f"{model.name} {model.version} melanoma risk",
+        )
+        sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+        return sr
+
+
+def _private_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "dermfusion local codes"
+    item.CodingSchemeResponsibleOrganization = "dermfusion"
+    return item
+
+
+@dataclass(frozen=True)
+class ReportedFinding:
+    """What our SR says, parsed back (for tests and for operators checking a PACS)."""
+
+    probability: float
+    threshold: float
+    melanoma_suspected: bool
+    algorithm_name: str
+    algorithm_version: str
+    age: float | None
+    sex: str | None
+    site_code: str | None
+    sources: dict[str, str]
+    source_sop_instance_uid: str
+
+
+def _walk(items: Dataset | list[Dataset]):  # type: ignore[no-untyped-def]
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
+
+
+def _name(item: Dataset) -> tuple[str, str]:
+    concept = item.ConceptNameCodeSequence[0]
+    return concept.CodeValue, concept.CodingSchemeDesignator
+
+
+def read_reported_finding(sr: Dataset) -> ReportedFinding:
+    """Parse the first measurement group of one of our SRs."""
+    values: dict[tuple[str, str], Dataset] = {}
+    for item in _walk(sr.ContentSequence):
+        if "ConceptNameCodeSequence" in item:
+            values.setdefault(_name(item), item)
+
+    def num(code: Code) -> float | None:
+        item = values.get((code.value, code.scheme_designator))
+        return None if item is None else float(item.MeasuredValueSequence[0].NumericValue)
+
+    def coded(code: Code) -> str | None:
+        item = values.get((code.value, code.scheme_designator))
+        return None if item is None else str(item.ConceptCodeSequence[0].CodeValue)
+
+    def text(code: Code) -> str:
+        return str(values[(code.value, code.scheme_designator)].TextValue)
+
+    probability = num(PROBABILITY_OF_CANCER)
+    threshold = num(OPERATING_THRESHOLD)
+    if probability is None or threshold is None:
+        raise ValueError("SR has no probability of cancer (DCM 111047) or no operating threshold")
+    sex_code = coded(SUBJECT_SEX)
+    site = values.get(("363698007", "SCT"))  # Finding Site
+    source_image = next(i for i in _walk(sr.ContentSequence) if i.ValueType == "IMAGE")
+    return ReportedFinding(
+        probability=probability,
+        threshold=threshold,
+        melanoma_suspected=coded(FINDING) == MELANOMA.value,
+        algorithm_name=str(values[("111001", "DCM")].TextValue),
+        algorithm_version=str(values[("111003", "DCM")].TextValue),
+        age=num(SUBJECT_AGE),
+        sex={"M": "male", "F": "female"}.get(sex_code or ""),
+        site_code=None if site is None else str(site.ConceptCodeSequence[0].CodeValue),
+        sources={field: text(code) for field, code in SOURCE_CODES.items()},
+        source_sop_instance_uid=str(source_image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID),
+    )

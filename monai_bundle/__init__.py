@@ -1,0 +1,1 @@
+"""The fusion model as a MONAI bundle (configs/, models/, docs/, scripts/)."""

@@ -1,0 +1,1 @@
+"""Code the bundle's configs instantiate: network, metadata encoding, transforms, training."""

@@ -1,0 +1,84 @@
+"""Metrics that mean something at 2% prevalence: AUC with intervals, sensitivity/specificity."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+def auc_with_interval(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    weights: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """ROC AUC and a 95% bootstrap interval (resampling cases)."""
+    auc = float(roc_auc_score(labels, scores, sample_weight=weights))
+    rng = np.random.default_rng(seed)
+    boots = []
+    n = len(labels)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if labels[idx].min() == labels[idx].max():
+            continue
+        w = None if weights is None else weights[idx]
+        boots.append(roc_auc_score(labels[idx], scores[idx], sample_weight=w))
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return {
+        "auc": auc,
+        "auc_low": float(low),
+        "auc_high": float(high),
+        "n": int(n),
+        "n_melanoma": int(labels.sum()),
+    }
+
+
+def threshold_for_sensitivity(
+    labels: np.ndarray, probabilities: np.ndarray, target: float
+) -> float:
+    """The highest threshold whose sensitivity on these cases is at least ``target``."""
+    fpr, tpr, thresholds = roc_curve(labels, probabilities)
+    ok = np.flatnonzero(tpr >= target)
+    return float(min(thresholds[ok[0]], 1.0))
+
+
+def operating_point(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float,
+    weights: np.ndarray | None = None,
+) -> dict[str, float]:
+    w = np.ones(len(labels)) if weights is None else weights
+    positive = probabilities >= threshold
+    tp = float(w[(labels == 1) & positive].sum())
+    fn = float(w[(labels == 1) & ~positive].sum())
+    tn = float(w[(labels == 0) & ~positive].sum())
+    fp = float(w[(labels == 0) & positive].sum())
+    return {
+        "threshold": threshold,
+        "sensitivity": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "ppv": tp / (tp + fp) if tp + fp else float("nan"),
+    }
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None, bins: int = 10
+) -> float:
+    w = np.ones(len(labels)) if weights is None else weights
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(probabilities, edges) - 1, 0, bins - 1)
+    total = w.sum()
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if w[m].sum() > 0:
+            ece += (
+                w[m].sum()
+                / total
+                * abs(
+                    np.average(labels[m], weights=w[m]) - np.average(probabilities[m], weights=w[m])
+                )
+            )
+    return float(ece)

@@ -1,0 +1,142 @@
+"""The ``dermfusion`` command: predict, infer, train (serve arrives with the listener)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from plugin.config import REPO_ROOT, ConfigError, load_settings
+
+log = logging.getLogger("dermfusion")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dermfusion", description=__doc__)
+    parser.add_argument("--config", help="TOML file merged over configs/dermfusion.toml")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    predict = sub.add_parser("predict", help="score plain images with optional metadata CSV")
+    predict.add_argument("--images", required=True, type=Path, help="folder of .jpg/.png images")
+    predict.add_argument("--metadata", type=Path, help="ISIC 2020 or HAM10000 style CSV")
+    predict.add_argument("--out", required=True, type=Path, help="output CSV")
+
+    infer = sub.add_parser(
+        "infer", help="score DICOM files; write SR (.dcm) and FHIR Bundle (.json)"
+    )
+    infer.add_argument("files", nargs="+", type=Path)
+    infer.add_argument("--out", required=True, type=Path, help="output folder")
+
+    train = sub.add_parser("train", help="train the bundle (configs/train.json) on ../shared/data")
+    train.add_argument("--data-root", type=Path, help="default: train.json's data_root")
+    train.add_argument("--output-dir", type=Path, help="default: the bundle's models/")
+    train.add_argument("--max-images", type=int, help="smoke run on a small stratified subset")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--seed", type=int)
+    return parser
+
+
+def _bundle_dir(args: argparse.Namespace) -> Path:
+    return load_settings(args.config).model.bundle_dir
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from monai.bundle import run
+
+    bundle = _bundle_dir(args)
+    run(
+        config_file=str(bundle / "configs" / "inference.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        bundle_root=str(bundle),
+        dataset_dir=str(args.images),
+        metadata_csv=str(args.metadata) if args.metadata else "",
+        output_file=str(args.out),
+    )
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from dicom_io.demographics import demographics_from_dataset
+    from dicom_io.images import UnsupportedInstanceError, read_image
+    from plugin.model import FusionModel
+    from plugin.pipeline import ReportPipeline
+
+    settings = load_settings(args.config)
+    images = []
+    failed = 0
+    for path in args.files:
+        try:
+            images.append(read_image(path))
+        except UnsupportedInstanceError as error:
+            print(f"dermfusion infer: {error}", file=sys.stderr)
+            failed += 1
+        except OSError as error:
+            print(f"dermfusion infer: {path}: {error.strerror or error}", file=sys.stderr)
+            failed += 1
+    if images:
+        pipeline = ReportPipeline(
+            model=FusionModel.load(settings.model.bundle_dir),
+            patient_identifier_system=settings.patient_identifier_system,
+        )
+        reports = pipeline.run(images, [demographics_from_dataset(i.dataset) for i in images])
+        args.out.mkdir(parents=True, exist_ok=True)
+        for report in reports:
+            stem = report.sr.SOPInstanceUID
+            report.sr.save_as(args.out / f"{stem}.dcm", enforce_file_format=True)
+            (args.out / f"{stem}.json").write_text(json.dumps(report.bundle, indent=2) + "\n")
+            print(
+                f"{report.image.ref.sop_instance_uid}\t{report.finding.probability:.4f}\t"
+                f"{'melanoma suspected' if report.finding.melanoma_suspected else 'negative'}\t"
+                f"{args.out / stem}.dcm"
+            )
+    return 1 if failed else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from monai.bundle import run
+
+    settings = load_settings(args.config)
+    bundle = settings.model.bundle_dir
+    overrides: dict[str, object] = {
+        "bundle_root": str(bundle),
+        "data_root": str(args.data_root or REPO_ROOT.parent / "shared" / "data"),
+        "cache_dir": str(settings.storage.dir / "cache"),
+    }
+    if args.output_dir:
+        overrides["output_dir"] = str(args.output_dir)
+    if args.max_images:
+        overrides["max_images"] = args.max_images
+    if args.epochs:
+        overrides["trainer#epochs"] = args.epochs
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    run(
+        config_file=str(bundle / "configs" / "train.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        **overrides,
+    )
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "infer": cmd_infer, "train": cmd_train}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as error:
+        print(f"dermfusion: configuration: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

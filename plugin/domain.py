@@ -1,0 +1,243 @@
+"""Plain domain types shared by dicom_io, fhir_io, the bundle's code and the service.
+
+This module imports nothing from the project: it is the one thing the I/O packages and the
+bundle may import from ``plugin``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+# The model's site categories: SIIM-ISIC 2020's anatom_site_general_challenge vocabulary.
+SITE_CATEGORIES: tuple[str, ...] = (
+    "torso",
+    "lower extremity",
+    "upper extremity",
+    "head/neck",
+    "palms/soles",
+    "oral/genital",
+)
+
+SNOMED = "SCT"
+
+
+@dataclass(frozen=True)
+class SiteCode:
+    """A coded anatomic site (SNOMED CT)."""
+
+    value: str
+    meaning: str
+    scheme: str = SNOMED
+
+
+# One table for every vocabulary a site arrives in; keys are normalised with ``_normalise``.
+# SNOMED CT body structures (DICOM AnatomicRegionSequence, CID 4029/4031).
+SNOMED_SITES: dict[str, tuple[str, str]] = {
+    "22943007": ("Trunk", "torso"),
+    "77568009": ("Back", "torso"),
+    "51185008": ("Thorax", "torso"),
+    "818983003": ("Abdomen", "torso"),
+    "113345001": ("Abdomen", "torso"),
+    "61685007": ("Lower limb", "lower extremity"),
+    "68367000": ("Thigh", "lower extremity"),
+    "30021000": ("Lower leg", "lower extremity"),
+    "56459004": ("Foot", "lower extremity"),
+    "53120007": ("Upper limb", "upper extremity"),
+    "40983000": ("Upper arm", "upper extremity"),
+    "14975008": ("Forearm", "upper extremity"),
+    "85562004": ("Hand", "upper extremity"),
+    "774007": ("Head and Neck", "head/neck"),
+    "69536005": ("Head", "head/neck"),
+    "45048000": ("Neck", "head/neck"),
+    "89545001": ("Face", "head/neck"),
+    "41695006": ("Scalp", "head/neck"),
+    "117590005": ("Ear", "head/neck"),
+    "21547004": ("Palm", "palms/soles"),
+    "57999000": ("Sole of foot", "palms/soles"),
+    "74262004": ("Oral cavity", "oral/genital"),
+    "123851003": ("Mouth region", "oral/genital"),
+}
+# DICOM BodyPartExamined defined terms (PS3.16 Annex L), upper case without spaces.
+BODY_PART_SITES: dict[str, str] = {
+    **{
+        t: "torso"
+        for t in ("CHEST", "ABDOMEN", "BACK", "TRUNK", "THORAX", "BREAST", "CHESTABDOMEN")
+    },
+    **{
+        t: "lower extremity"
+        for t in (
+            "LEG",
+            "LOWERLIMB",
+            "LOWEREXTREMITY",
+            "THIGH",
+            "KNEE",
+            "ANKLE",
+            "FOOT",
+            "TOE",
+            "HIP",
+            "LOWERLEG",
+        )
+    },
+    **{
+        t: "upper extremity"
+        for t in (
+            "ARM",
+            "UPPERLIMB",
+            "UPPEREXTREMITY",
+            "UPRLIMB",
+            "ELBOW",
+            "FOREARM",
+            "WRIST",
+            "HAND",
+            "FINGER",
+            "SHOULDER",
+            "UPPERARM",
+        )
+    },
+    **{
+        t: "head/neck"
+        for t in (
+            "HEAD",
+            "SKULL",
+            "FACE",
+            "SCALP",
+            "EAR",
+            "NECK",
+            "HEADNECK",
+            "NOSE",
+            "CHEEK",
+            "LIP",
+        )
+    },
+    **{t: "palms/soles" for t in ("PALM", "SOLE", "ACRAL")},
+    **{t: "oral/genital" for t in ("ORAL", "MOUTH", "GENITAL", "PENIS", "VULVA", "SCROTUM")},
+}
+# Free-text site names: SIIM-ISIC 2020 (and 2019) and HAM10000 localization, lower case.
+NAMED_SITES: dict[str, str] = {
+    **{s: s for s in SITE_CATEGORIES},
+    "anterior torso": "torso",
+    "posterior torso": "torso",
+    "lateral torso": "torso",
+    "back": "torso",
+    "trunk": "torso",
+    "abdomen": "torso",
+    "chest": "torso",
+    "foot": "lower extremity",
+    "hand": "upper extremity",
+    "face": "head/neck",
+    "neck": "head/neck",
+    "scalp": "head/neck",
+    "ear": "head/neck",
+    "acral": "palms/soles",
+    "genital": "oral/genital",
+}
+# Sites that say "not known" rather than naming a place we cannot map.
+UNKNOWN_SITE_NAMES = frozenset({"", "unknown", "nan", "none"})
+# The code written for each category when the source gave no code of its own.
+CATEGORY_CODES: dict[str, SiteCode] = {
+    "torso": SiteCode("22943007", "Trunk"),
+    "lower extremity": SiteCode("61685007", "Lower limb"),
+    "upper extremity": SiteCode("53120007", "Upper limb"),
+    "head/neck": SiteCode("774007", "Head and Neck"),
+    "palms/soles": SiteCode("21547004", "Palm"),
+    "oral/genital": SiteCode("74262004", "Oral cavity"),
+}
+
+
+class UnknownSiteError(ValueError):
+    """A site term that the site table does not know (as opposed to one that says "unknown")."""
+
+
+def _normalise(term: str) -> str:
+    return " ".join(term.strip().lower().replace("_", " ").split())
+
+
+def site_from_name(name: str | None) -> str | None:
+    """ISIC 2020 / HAM10000 site name → model category; None where the name says unknown."""
+    if name is None or _normalise(str(name)) in UNKNOWN_SITE_NAMES:
+        return None
+    try:
+        return NAMED_SITES[_normalise(name)]
+    except KeyError:
+        raise UnknownSiteError(f"site name {name!r} is not in the site table") from None
+
+
+def site_from_body_part(term: str) -> str | None:
+    """DICOM BodyPartExamined → model category; None where unmapped (the tag is free-ish text)."""
+    return BODY_PART_SITES.get(term.upper().replace(" ", "").replace("_", ""))
+
+
+def site_from_snomed(code: str) -> str | None:
+    entry = SNOMED_SITES.get(code.strip())
+    return entry[1] if entry else None
+
+
+class Source(StrEnum):
+    """Where a demographic value came from."""
+
+    DICOM = "dicom"
+    FHIR = "fhir"
+    CSV = "csv"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """A value and where it came from; ``detail`` names the tag or element (never the value)."""
+
+    value: float | str | None
+    source: Source
+    detail: str = ""
+
+    @classmethod
+    def missing(cls) -> Sourced:
+        return cls(None, Source.MISSING, "")
+
+
+@dataclass(frozen=True)
+class Demographics:
+    """Age in years, sex ('male'/'female', None for other/unknown), site as a model category."""
+
+    age: Sourced
+    sex: Sourced
+    site: Sourced
+    site_code: SiteCode | None = None
+
+    @classmethod
+    def unknown(cls) -> Demographics:
+        return cls(Sourced.missing(), Sourced.missing(), Sourced.missing())
+
+    def finding_site_code(self) -> SiteCode | None:
+        if self.site_code is not None:
+            return self.site_code
+        return CATEGORY_CODES.get(str(self.site.value)) if self.site.value else None
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The model's result for one image."""
+
+    probability: float
+    threshold: float
+    model: ModelIdentity
+
+    @property
+    def melanoma_suspected(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """The DICOM identity of a source image and its study."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str

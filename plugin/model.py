@@ -1,0 +1,92 @@
+"""The bundle's network, loaded once from the bundle's own inference config and weights."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from monai_bundle.scripts.metadata import METADATA_WIDTH, encode_metadata
+from monai_bundle.scripts.transforms import IMAGE_SIZE, preprocess_rgb
+from plugin.domain import Demographics, Finding, ModelIdentity
+
+
+class ModelLoadError(RuntimeError):
+    """The bundle is incomplete or does not match its own network_data_format."""
+
+
+@dataclass
+class FusionModel:
+    """Scores images with their demographics; one instance per process (weights load once)."""
+
+    network: torch.nn.Module
+    identity: ModelIdentity
+    threshold: float
+
+    @classmethod
+    def load(cls, bundle_dir: Path) -> FusionModel:
+        configs = bundle_dir / "configs"
+        weights = bundle_dir / "models" / "model.pt"
+        if not weights.is_file():
+            raise ModelLoadError(f"{weights}: no weights (run `dermfusion train`)")
+        meta = json.loads((configs / "metadata.json").read_text())
+        _check_data_format(meta)
+        parser = ConfigParser()
+        parser.read_config(configs / "inference.json")
+        parser["bundle_root"] = str(bundle_dir)
+        network = parser.get_parsed_content("network_def")
+        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        network.eval().to(memory_format=torch.channels_last)
+        operating_point = parser.get_parsed_content("operating_point")
+        return cls(
+            network=network,
+            identity=ModelIdentity(name=meta["name"], version=meta["version"]),
+            threshold=float(operating_point["threshold"]),
+        )
+
+    @torch.inference_mode()
+    def score(
+        self, images: Sequence[np.ndarray], demographics: Sequence[Demographics]
+    ) -> list[Finding]:
+        """One Finding per (RGB image, demographics) pair, scored in one batch."""
+        if len(images) != len(demographics):
+            raise ValueError(f"{len(images)} images but {len(demographics)} demographics")
+        if not images:
+            return []
+        batch = torch.stack([preprocess_rgb(rgb) for rgb in images])
+        metadata = torch.from_numpy(
+            np.stack(
+                [
+                    encode_metadata(
+                        None if d.age.value is None else float(d.age.value),
+                        None if d.sex.value is None else str(d.sex.value),
+                        None if d.site.value is None else str(d.site.value),
+                    )
+                    for d in demographics
+                ]
+            )
+        )
+        logits = self.network(batch.contiguous(memory_format=torch.channels_last), metadata)
+        probabilities = torch.sigmoid(logits).reshape(-1).tolist()
+        return [Finding(float(p), self.threshold, self.identity) for p in probabilities]
+
+
+def _check_data_format(meta: dict) -> None:  # type: ignore[type-arg]
+    """Refuse a bundle whose declared inputs differ from what this code feeds the network."""
+    inputs = meta["network_data_format"]["inputs"]
+    image, metadata = inputs["image"], inputs["metadata"]
+    if image["num_channels"] != 3 or image["spatial_shape"] != [IMAGE_SIZE, IMAGE_SIZE]:
+        raise ModelLoadError(
+            f"bundle expects image {image['num_channels']}x{image['spatial_shape']}, "
+            f"code provides 3x[{IMAGE_SIZE}, {IMAGE_SIZE}]"
+        )
+    if metadata["num_channels"] != METADATA_WIDTH:
+        raise ModelLoadError(
+            f"bundle expects {metadata['num_channels']} metadata channels, code provides "
+            f"{METADATA_WIDTH}"
+        )

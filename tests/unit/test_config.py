@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from plugin.config import DEFAULT_PATIENT_IDENTIFIER_SYSTEM, ConfigError, load_settings
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    return path
+
+
+def test_embedded_defaults_have_no_pacs_and_no_fhir(tmp_path: Path) -> None:
+    settings = load_settings(base_dir=tmp_path)
+    assert settings.listener.ae_title == "DERMFUSION"
+    assert settings.listener.port == 11112
+    assert settings.listener.allowed_calling_aes == ()
+    assert settings.study.stable_seconds == 2
+    assert settings.pacs is None and settings.fhir is None
+    assert settings.storage.outbox == tmp_path / "var" / "outbox"
+    assert settings.patient_identifier_system == DEFAULT_PATIENT_IDENTIFIER_SYSTEM
+
+
+def test_contract_keys_are_read(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+[listener]
+ae_title = "DF2"
+port = 11113
+allowed_calling_aes = ["ORTHANC"]
+[study]
+stable_seconds = 0.5
+[pacs]
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = 4242
+[fhir]
+base_url = "http://127.0.0.1:8080/fhir/"
+patient_identifier_system = "urn:hospital:mrn"
+[storage]
+dir = "/srv/dermfusion"
+""",
+    )
+    settings = load_settings(path, base_dir=tmp_path)
+    assert settings.listener.allowed_calling_aes == ("ORTHANC",)
+    assert settings.pacs is not None and settings.pacs.port == 4242
+    assert settings.fhir is not None and settings.fhir.base_url == "http://127.0.0.1:8080/fhir"
+    assert settings.patient_identifier_system == "urn:hospital:mrn"
+    assert settings.storage.dir == Path("/srv/dermfusion")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[listener]\nport = 70000\n", "listener.port must be a TCP port"),
+        ('[listener]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "listener.ae_title"),
+        ("[listener]\nprot = 1\n", "unknown key listener.prot"),
+        ('[pacs]\nhost = "x"\n', "[pacs] lacks ae_title, port"),
+        ('[study]\nstable_seconds = "2"\n', "study.stable_seconds has the wrong type"),
+        ("[nope]\n", "unknown section [nope]"),
+        ("[listener\n", "site.toml"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(_write(tmp_path, text), base_dir=tmp_path)
