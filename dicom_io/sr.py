@@ -7,6 +7,7 @@ family DCM 123110), the finding site, and the demographics the model used with t
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -14,7 +15,6 @@ from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from plugin.domain import Demographics, Finding, ImageRef, ModelIdentity, Source
 
@@ -41,17 +41,23 @@ MANUFACTURER = "dermfusion"
 UID_PREFIX = "2.25."
 
 
+def derived_uid(*parts: str) -> str:
+    """A UID that is a pure function of ``parts``: a 128-bit hash under the 2.25 (UUID) root.
+
+    pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and is random, which
+    would make every resend a new instance.
+    """
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()[:16]
+    return UID_PREFIX + str(int.from_bytes(digest, "big"))
+
+
 def sr_instance_uid(source: ImageRef, model: ModelIdentity) -> str:
     """Same source image and model version → same SR SOP Instance UID (so resends overwrite)."""
-    return generate_uid(
-        prefix=None, entropy_srcs=["sr", source.sop_instance_uid, model.name, model.version]
-    )
+    return derived_uid("sr", source.sop_instance_uid, model.name, model.version)
 
 
 def sr_series_uid(study_instance_uid: str, model: ModelIdentity) -> str:
-    return generate_uid(
-        prefix=None, entropy_srcs=["series", study_instance_uid, model.name, model.version]
-    )
+    return derived_uid("series", study_instance_uid, model.name, model.version)
 
 
 def _source_text(value: object, source: Source, detail: str) -> str:
@@ -128,7 +134,7 @@ class MeasurementReportWriter:
         )
         group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(prefix=None, entropy_srcs=["tracking", ref.sop_instance_uid]),
+                uid=derived_uid("tracking", ref.sop_instance_uid),
                 identifier="melanoma risk",
             ),
             algorithm_id=algorithm,
@@ -157,9 +163,7 @@ class MeasurementReportWriter:
             observer_device_context=hd.sr.ObserverContext(
                 observer_type=codes.cid270.Device,
                 observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=generate_uid(
-                        prefix=None, entropy_srcs=["device", model.name, model.version]
-                    ),
+                    uid=derived_uid("device", model.name, model.version),
                     name=model.name,
                     manufacturer_name=self.manufacturer,
                     model_name=f"{model.name} {model.version}",

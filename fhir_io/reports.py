@@ -1,0 +1,415 @@
+"""The FHIR R4 transaction Bundle that carries one image's result to the EHR.
+
+Built with ``fhir.resources.R4B`` models so that what we send is structurally valid R4. Shape
+(entry order; every entry is ``POST`` + ``ifNoneExist`` on a stable identifier, and its
+``fullUrl`` is ``urn:uuid:`` uuid5 of that identifier, so re-sending creates nothing new):
+
+``Patient`` (only when ``patient_id`` is given)
+    identifier ``{patient_identifier_system}|{patient_id}``; nothing else (the EHR owns the
+    record; we only make sure one exists to point at).
+``Device`` — the algorithm
+    identifier ``urn:dermfusion:device|{model.name}-{model.version}``, ``deviceName`` (model-name),
+    ``version``, ``manufacturer`` "dermfusion", ``type`` DCM 123110 "Artificial Intelligence".
+``Observation`` — probability
+    ``code`` DCM 111047 "Probability of cancer"; ``valueQuantity`` 0..1 in UCUM ``1``;
+    ``bodySite`` SNOMED site (when known); ``device``, ``subject``, ``issued``; components:
+
+    - DCM 121071 "Finding" → SNOMED 1162635006 "Malignant melanoma" (what the probability is of;
+      R4 ``focus`` is a Reference, so the disorder cannot go there);
+    - DCM 121033 "Subject Age" (+ LOINC 30525-0) → ``valueQuantity`` UCUM ``a``;
+    - DCM 121032 "Subject Sex" (+ LOINC 46098-0) → ``valueCodeableConcept`` administrative-gender;
+    - SNOMED 363698007 "Finding site" → ``valueCodeableConcept`` SNOMED code, text = model category.
+
+    Each demographic component carries the extension ``SOURCE_EXTENSION`` (``valueString``
+    ``"dicom:PatientAge"``, ``"fhir:Patient.birthDate"``, ``"missing"``, … — the same strings as
+    the SR). A value the model ran without is still listed, with ``dataAbsentReason`` "unknown":
+    the reader sees that the model had no age rather than wondering whether we dropped it. An
+    extension on the component, rather than a sibling "source" component, keeps each value and
+    its provenance in one element (a sibling would have to be paired up by position or code).
+``Observation`` — decision at the operating point
+    ``code`` SNOMED 1162635006 "Malignant melanoma"; ``valueCodeableConcept`` SNOMED 10828004
+    "Positive" (probability ≥ threshold) or 260385009 "Negative"; ``interpretation`` v3 POS/NEG;
+    component "Operating point (probability threshold)" → ``valueQuantity`` UCUM ``1``;
+    ``derivedFrom`` → the probability Observation.
+``DiagnosticReport``
+    ``status`` final, ``category`` DCM DMS "Dermoscopy", ``code`` text "Dermoscopy melanoma risk
+    (AI)", ``subject``, ``issued``, ``result`` → both Observations, one-line ``conclusion``;
+    identifiers ``urn:dermfusion:report|{SOP Instance UID}:{model.name}:{model.version}`` and
+    ``urn:dicom:uid|urn:oid:{Study Instance UID}``. No ``performer``: R4 does not allow a Device
+    there (the Device hangs off the Observations' ``device``).
+
+Both Observations and the DiagnosticReport carry ``meta.security`` AIAST (v3 ObservationValue).
+Identity is per source image and model version: the same image re-scored by the same model maps
+onto the resources already there, and a new model version gets new ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+import uuid
+from typing import Any
+
+from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
+from fhir.resources.R4B.codeableconcept import CodeableConcept
+from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.device import Device, DeviceDeviceName, DeviceVersion
+from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+from fhir.resources.R4B.extension import Extension
+from fhir.resources.R4B.identifier import Identifier
+from fhir.resources.R4B.meta import Meta
+from fhir.resources.R4B.observation import Observation, ObservationComponent
+from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.quantity import Quantity
+from fhir.resources.R4B.reference import Reference
+from fhir.resources.R4B.resource import Resource
+
+from fhir_io._search import identifier_query
+from plugin.domain import (
+    SITE_CATEGORIES,
+    SNOMED,
+    Demographics,
+    Finding,
+    ImageRef,
+    ModelIdentity,
+    Source,
+    Sourced,
+)
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+SCT = "http://snomed.info/sct"
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+ADMINISTRATIVE_GENDER = "http://hl7.org/fhir/administrative-gender"
+OBSERVATION_VALUE = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+OBSERVATION_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+
+DEVICE_IDENTIFIER_SYSTEM = "urn:dermfusion:device"
+REPORT_IDENTIFIER_SYSTEM = "urn:dermfusion:report"
+OBSERVATION_IDENTIFIER_SYSTEM = "urn:dermfusion:observation"
+STUDY_UID_SYSTEM = "urn:dicom:uid"
+# Where a demographic input came from (valueString, same vocabulary as the SR's source items).
+SOURCE_EXTENSION = "urn:dermfusion:fhir:StructureDefinition:input-source"
+REPORT_CODE_TEXT = "Dermoscopy melanoma risk (AI)"
+MANUFACTURER = "dermfusion"
+
+_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:dermfusion:fhir")
+_DICOM_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_MAX_AGE_YEARS = 150.0
+_SEX_DISPLAY = {"male": "Male", "female": "Female"}
+
+
+def _coding(system: str, code: str, display: str) -> Coding:
+    return Coding(system=system, code=code, display=display)
+
+
+AIAST = _coding(OBSERVATION_VALUE, "AIAST", "Artificial Intelligence asserted")
+PROBABILITY_OF_CANCER = _coding(DCM, "111047", "Probability of cancer")
+FINDING = _coding(DCM, "121071", "Finding")
+MELANOMA = _coding(SCT, "1162635006", "Malignant melanoma")
+POSITIVE = _coding(SCT, "10828004", "Positive")
+NEGATIVE = _coding(SCT, "260385009", "Negative")
+ARTIFICIAL_INTELLIGENCE = _coding(DCM, "123110", "Artificial Intelligence")
+DERMOSCOPY = _coding(DCM, "DMS", "Dermoscopy")
+SUBJECT_AGE = (_coding(DCM, "121033", "Subject Age"), _coding(LOINC, "30525-0", "Age"))
+SUBJECT_SEX = (_coding(DCM, "121032", "Subject Sex"), _coding(LOINC, "46098-0", "Sex"))
+FINDING_SITE = (_coding(SCT, "363698007", "Finding site"),)
+
+
+def report_identifier(image: ImageRef, model: ModelIdentity) -> tuple[str, str]:
+    """(system, value) of the report for one source image and model version; stable on resend."""
+    return REPORT_IDENTIFIER_SYSTEM, f"{image.sop_instance_uid}:{model.name}:{model.version}"
+
+
+def device_identifier(model: ModelIdentity) -> tuple[str, str]:
+    return DEVICE_IDENTIFIER_SYSTEM, f"{model.name}-{model.version}"
+
+
+def report_bundle(
+    *,
+    finding: Finding,
+    demographics: Demographics,
+    image: ImageRef,
+    patient_id: str | None,
+    patient_identifier_system: str,
+    issued: dt.datetime,
+) -> dict[str, Any]:
+    """A transaction Bundle (JSON-ready dict) with the result of one image; see the module doc.
+
+    ``patient_id`` None (no PatientID in the DICOM header) leaves out the Patient and every
+    ``subject``: the report still reaches the server, findable by the Study Instance UID.
+    """
+    _check_finding(finding)
+    _check_demographics(demographics)
+    _check_image(image)
+    if patient_id is not None and (not patient_id.strip() or patient_id != patient_id.strip()):
+        raise ValueError(f"patient_id must be None or a non-blank, trimmed string: {patient_id!r}")
+    if patient_id is not None and not patient_identifier_system.strip():
+        raise ValueError("patient_identifier_system must be non-empty when patient_id is given")
+    if not isinstance(issued, dt.datetime) or issued.utcoffset() is None:
+        raise ValueError("issued must be a timezone-aware datetime (FHIR instant)")
+    issued = issued.astimezone(dt.UTC)
+
+    model = finding.model
+    report_system, report_value = report_identifier(image, model)
+    entries: list[BundleEntry] = []
+    subject: Reference | None = None
+    if patient_id is not None:
+        patient = _Entry(patient_identifier_system, patient_id)
+        subject = patient.reference()
+        entries.append(patient.entry(Patient(identifier=[patient.identifier()])))
+
+    device = _Entry(*device_identifier(model))
+    entries.append(
+        device.entry(
+            Device(
+                identifier=[device.identifier()],
+                deviceName=[DeviceDeviceName(name=model.name, type="model-name")],
+                version=[DeviceVersion(value=model.version)],
+                manufacturer=MANUFACTURER,
+                type=CodeableConcept(
+                    coding=[ARTIFICIAL_INTELLIGENCE], text="Artificial Intelligence"
+                ),
+            )
+        )
+    )
+
+    body_site = _site_concept(demographics)
+    common: dict[str, Any] = {
+        "meta": Meta(security=[AIAST]),
+        "status": "final",
+        "category": [CodeableConcept(coding=[_coding(OBSERVATION_CATEGORY, "imaging", "Imaging")])],
+        "subject": subject,
+        "issued": issued,
+        "device": device.reference(),
+        "bodySite": body_site,
+    }
+
+    probability = _Entry(OBSERVATION_IDENTIFIER_SYSTEM, f"{report_value}:probability")
+    entries.append(
+        probability.entry(
+            Observation(
+                identifier=[probability.identifier()],
+                code=CodeableConcept(
+                    coding=[PROBABILITY_OF_CANCER], text="Melanoma probability (AI)"
+                ),
+                valueQuantity=_unitless(finding.probability),
+                component=[
+                    ObservationComponent(
+                        code=CodeableConcept(coding=[FINDING]),
+                        valueCodeableConcept=CodeableConcept(coding=[MELANOMA]),
+                    ),
+                    *_demographic_components(demographics, body_site),
+                ],
+                **common,
+            )
+        )
+    )
+
+    suspected = finding.melanoma_suspected
+    decision = _Entry(OBSERVATION_IDENTIFIER_SYSTEM, f"{report_value}:decision")
+    entries.append(
+        decision.entry(
+            Observation(
+                identifier=[decision.identifier()],
+                code=CodeableConcept(
+                    coding=[MELANOMA], text="Melanoma suspected at the operating point (AI)"
+                ),
+                valueCodeableConcept=CodeableConcept(
+                    coding=[POSITIVE if suspected else NEGATIVE],
+                    text="Melanoma suspected" if suspected else "Melanoma not suspected",
+                ),
+                interpretation=[
+                    CodeableConcept(
+                        coding=[
+                            _coding(OBSERVATION_INTERPRETATION, "POS", "Positive")
+                            if suspected
+                            else _coding(OBSERVATION_INTERPRETATION, "NEG", "Negative")
+                        ]
+                    )
+                ],
+                component=[
+                    ObservationComponent(
+                        code=CodeableConcept(text="Operating point (probability threshold)"),
+                        valueQuantity=_unitless(finding.threshold),
+                    )
+                ],
+                derivedFrom=[probability.reference()],
+                **common,
+            )
+        )
+    )
+
+    report = _Entry(report_system, report_value)
+    entries.append(
+        report.entry(
+            DiagnosticReport(
+                identifier=[
+                    report.identifier(),
+                    Identifier(
+                        system=STUDY_UID_SYSTEM, value=f"urn:oid:{image.study_instance_uid}"
+                    ),
+                ],
+                meta=Meta(security=[AIAST]),
+                status="final",
+                category=[CodeableConcept(coding=[DERMOSCOPY], text="Dermoscopy")],
+                code=CodeableConcept(text=REPORT_CODE_TEXT),
+                subject=subject,
+                issued=issued,
+                result=[probability.reference(), decision.reference()],
+                conclusion=conclusion_text(finding),
+            )
+        )
+    )
+    bundle = Bundle(type="transaction", entry=entries)
+    result: dict[str, Any] = json.loads(bundle.model_dump_json())
+    return result
+
+
+def conclusion_text(finding: Finding) -> str:
+    """One line for the EHR's result list; says it is the algorithm's output, not a diagnosis."""
+    verdict, op = ("suspected", ">=") if finding.melanoma_suspected else ("not suspected", "<")
+    return (
+        f"Melanoma {verdict} by AI ({finding.model.name} {finding.model.version}): probability "
+        f"{finding.probability:.3f} {op} operating point {finding.threshold:.3f}. "
+        "Decision support, not a diagnosis."
+    )
+
+
+class _Entry:
+    """One bundle entry's identity: its stable identifier and the urn:uuid derived from it."""
+
+    def __init__(self, system: str, value: str) -> None:
+        self.system, self.value = system, value
+        self.full_url = f"urn:uuid:{uuid.uuid5(_UUID_NAMESPACE, f'{system}|{value}')}"
+
+    def identifier(self) -> Identifier:
+        return Identifier(system=self.system, value=self.value)
+
+    def reference(self) -> Reference:
+        return Reference(reference=self.full_url)
+
+    def entry(self, resource: Resource) -> BundleEntry:
+        resource_type = resource.get_resource_type()
+        return BundleEntry(
+            fullUrl=self.full_url,
+            resource=resource,
+            request=BundleEntryRequest(
+                method="POST",
+                url=resource_type,
+                ifNoneExist=identifier_query(self.system, self.value),
+            ),
+        )
+
+
+def _unitless(value: float) -> Quantity:
+    return Quantity(value=value, unit="1", system=UCUM, code="1")
+
+
+def _source_text(sourced: Sourced) -> str:
+    if sourced.value is None or sourced.source is Source.MISSING:
+        return "missing"
+    return f"{sourced.source.value}:{sourced.detail}" if sourced.detail else sourced.source.value
+
+
+def _demographic_components(
+    demographics: Demographics, body_site: CodeableConcept | None
+) -> list[ObservationComponent]:
+    age, sex = demographics.age, demographics.sex
+    values: list[tuple[tuple[Coding, ...], Sourced, dict[str, Any]]] = [
+        (
+            SUBJECT_AGE,
+            age,
+            {"valueQuantity": Quantity(value=age.value, unit="year", system=UCUM, code="a")}
+            if age.value is not None
+            else {},
+        ),
+        (
+            SUBJECT_SEX,
+            sex,
+            {
+                "valueCodeableConcept": CodeableConcept(
+                    coding=[
+                        _coding(ADMINISTRATIVE_GENDER, str(sex.value), _SEX_DISPLAY[str(sex.value)])
+                    ]
+                )
+            }
+            if sex.value is not None
+            else {},
+        ),
+        (
+            FINDING_SITE,
+            demographics.site,
+            {"valueCodeableConcept": body_site} if body_site is not None else {},
+        ),
+    ]
+    components = []
+    for codings, sourced, value in values:
+        if not value:
+            value = {
+                "dataAbsentReason": CodeableConcept(
+                    coding=[_coding(DATA_ABSENT_REASON, "unknown", "Unknown")]
+                )
+            }
+        components.append(
+            ObservationComponent(
+                extension=[Extension(url=SOURCE_EXTENSION, valueString=_source_text(sourced))],
+                code=CodeableConcept(coding=list(codings)),
+                **value,
+            )
+        )
+    return components
+
+
+def _site_concept(demographics: Demographics) -> CodeableConcept | None:
+    if demographics.site.value is None:
+        return None
+    code = demographics.finding_site_code()
+    text = str(demographics.site.value)
+    if code is None or code.scheme != SNOMED:
+        return CodeableConcept(text=text)
+    return CodeableConcept(coding=[_coding(SCT, code.value, code.meaning)], text=text)
+
+
+def _check_finding(finding: Finding) -> None:
+    for name in ("probability", "threshold"):
+        value = getattr(finding, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"finding.{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"finding.{name} must be within [0, 1], got {value!r}")
+    for name in ("name", "version"):
+        value = getattr(finding.model, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"finding.model.{name} must be a non-empty string")
+
+
+def _check_demographics(demographics: Demographics) -> None:
+    age = demographics.age.value
+    if age is not None and (
+        isinstance(age, bool)
+        or not isinstance(age, int | float)
+        or not math.isfinite(age)
+        or not 0.0 <= age <= _MAX_AGE_YEARS
+    ):
+        raise ValueError(f"demographics.age must be None or years in [0, 150], got {age!r}")
+    if demographics.sex.value not in (None, *_SEX_DISPLAY):
+        raise ValueError(
+            f"demographics.sex must be None, 'male' or 'female', got {demographics.sex.value!r}"
+        )
+    if demographics.site.value not in (None, *SITE_CATEGORIES):
+        raise ValueError(
+            f"demographics.site must be None or one of {SITE_CATEGORIES}, "
+            f"got {demographics.site.value!r}"
+        )
+
+
+def _check_image(image: ImageRef) -> None:
+    for name in ("study_instance_uid", "sop_instance_uid"):
+        uid = getattr(image, name)
+        if not isinstance(uid, str) or len(uid) > 64 or not _DICOM_UID.match(uid):
+            raise ValueError(f"image.{name} is not a DICOM UID: {uid!r}")

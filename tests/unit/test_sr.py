@@ -1,0 +1,89 @@
+"""The SR writer against its own reader, with pydicom's value validation turned to errors."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import config
+
+from dicom_io.images import read_image
+from dicom_io.sr import MeasurementReportWriter, read_reported_finding, sr_instance_uid
+from plugin.domain import Demographics, Finding, ModelIdentity, SiteCode, Source, Sourced
+from tests.conftest import SAMPLES, require_tool
+
+MODEL = ModelIdentity("dermfusion test model", "9.9.9")
+
+
+@pytest.fixture(autouse=True)
+def _strict_values() -> Iterator[None]:
+    before = config.settings.writing_validation_mode
+    config.settings.writing_validation_mode = config.RAISE
+    yield
+    config.settings.writing_validation_mode = before
+
+
+def _demographics() -> Demographics:
+    return Demographics(
+        age=Sourced(63.0, Source.FHIR, "Patient.birthDate"),
+        sex=Sourced("female", Source.DICOM, "PatientSex"),
+        site=Sourced("palms/soles", Source.DICOM, "AnatomicRegionSequence"),
+        site_code=SiteCode("57999000", "Sole of foot"),
+    )
+
+
+def _build(probability: float, demographics: Demographics) -> pydicom.Dataset:
+    image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
+    return MeasurementReportWriter().build(
+        source=image.dataset,
+        ref=image.ref,
+        finding=Finding(probability, 0.25, MODEL),
+        demographics=demographics,
+    )
+
+
+def test_round_trip_of_everything_the_report_says(tmp_path: Path) -> None:
+    sr = _build(0.8125, _demographics())
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    back = read_reported_finding(pydicom.dcmread(path))
+    source = pydicom.dcmread(SAMPLES / "dms_jpeg_baseline.dcm", stop_before_pixels=True)
+    assert back.probability == 0.8125 and back.threshold == 0.25 and back.melanoma_suspected
+    assert (back.algorithm_name, back.algorithm_version) == (MODEL.name, MODEL.version)
+    assert (back.age, back.sex, back.site_code) == (63.0, "female", "57999000")
+    assert back.sources == {
+        "age": "fhir:Patient.birthDate",
+        "sex": "dicom:PatientSex",
+        "site": "dicom:AnatomicRegionSequence",
+    }
+    assert back.source_sop_instance_uid == source.SOPInstanceUID
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.PatientID == source.PatientID
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    assert not [x for x in (run.stdout + run.stderr).splitlines() if "Error" in x]
+
+
+def test_below_threshold_is_negative_and_missing_fields_say_so() -> None:
+    back = read_reported_finding(_build(0.1, Demographics.unknown()))
+    assert not back.melanoma_suspected
+    assert (back.age, back.sex, back.site_code) == (None, None, None)
+    assert back.sources == {"age": "missing", "sex": "missing", "site": "missing"}
+
+
+def test_sr_uid_is_stable_per_source_image_and_model_version() -> None:
+    first, second = _build(0.5, _demographics()), _build(0.6, Demographics.unknown())
+    assert first.SOPInstanceUID == second.SOPInstanceUID
+    assert first.SeriesInstanceUID == second.SeriesInstanceUID
+    image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
+    newer = ModelIdentity(MODEL.name, "10.0.0")
+    assert sr_instance_uid(image.ref, newer) != first.SOPInstanceUID
+    assert len(first.SOPInstanceUID) <= 64
+
+
+def test_probability_outside_0_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="finding.probability"):
+        _build(1.5, _demographics())
