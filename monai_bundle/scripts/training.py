@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from monai_bundle.scripts.data import isic_weights, load_cases, split_by_group
+from monai_bundle.scripts.data import Cases, isic_weights, load_cases, split_by_group
 from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     expected_calibration_error,
@@ -83,14 +83,7 @@ class FrozenBackboneTrainer:
         torch.manual_seed(self.seed)
         cases = load_cases(self.data_root)
         if self.max_images is not None:
-            cases = type(cases)(
-                cases.frame.groupby("label", group_keys=False)
-                .apply(
-                    lambda g: g.sample(min(len(g), self.max_images // 2), random_state=self.seed)
-                )
-                .sort_values("image_name")
-                .reset_index(drop=True)
-            )
+            cases = self._subsample(cases)
         frame = cases.frame
         is_val = split_by_group(cases, self.val_fraction, self.seed)
         network = FusionNet(imagenet_init=True)
@@ -114,6 +107,16 @@ class FrozenBackboneTrainer:
         self._save(network, report)
         return report
 
+    def _subsample(self, cases: Cases) -> Cases:
+        """A small stratified subset (half melanoma) for smoke runs."""
+        rng = np.random.default_rng(self.seed)
+        frame = cases.frame
+        picked: list[int] = []
+        for label in (0, 1):
+            rows = frame.index[frame.label == label].to_numpy()
+            picked += rng.choice(rows, min(len(rows), self.max_images // 2), replace=False).tolist()
+        return Cases(frame.loc[sorted(picked)].reset_index(drop=True))
+
     def _fit_head(
         self,
         network: FusionNet,
@@ -132,6 +135,9 @@ class FrozenBackboneTrainer:
             optimiser, max_lr=self.learning_rate, total_steps=self.epochs * steps_per_epoch
         )
         loss_fn = nn.BCEWithLogitsLoss()
+        # Dropout draws from the global generator, which feature extraction may or may not have
+        # used (cache miss or hit): re-seed so the weights depend on the seed alone.
+        torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         network.train()
         progress = tqdm(range(self.epochs), desc="fusion head", unit="epoch")

@@ -1,0 +1,68 @@
+"""Training and the committed metrics, on the real data (skipped on a clone without it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from monai_bundle.scripts.data import load_cases, split_by_group
+from monai_bundle.scripts.transforms import load_rgb
+from plugin.cli import main
+from plugin.domain import Demographics, Source, Sourced
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+BUNDLE = REPO_ROOT / "monai_bundle"
+
+
+def _smoke_train(tmp_path: Path, shared_data: Path, name: str) -> dict[str, torch.Tensor]:
+    config = tmp_path / "smoke.toml"
+    config.write_text(f'[storage]\ndir = "{tmp_path / "var"}"\n')
+    out = tmp_path / name
+    args = ["--config", str(config), "train", "--data-root", str(shared_data)]
+    args += ["--max-images", "48", "--epochs", "2", "--output-dir", str(out)]
+    assert main(args) == 0
+    metrics = json.loads((out / "validation_metrics.json").read_text())
+    assert 0 < metrics["threshold"] < 1
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def test_smoke_training_is_reproducible_from_its_seed(tmp_path: Path, shared_data: Path) -> None:
+    first = _smoke_train(tmp_path, shared_data, "a")
+    second = _smoke_train(tmp_path, shared_data, "b")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    shipped = torch.load(BUNDLE / "models" / "model.pt", weights_only=True)
+    assert not torch.equal(first["classifier.4.weight"], shipped["classifier.4.weight"])
+
+
+def _sourced(value: object) -> Sourced:
+    known = value is not None and not (isinstance(value, float) and np.isnan(value))
+    return Sourced(value, Source.CSV, "metadata.csv") if known else Sourced.missing()
+
+
+def test_shipped_weights_reproduce_the_model_card_auc(shared_data: Path, fusion_model) -> None:  # type: ignore[no-untyped-def]
+    """Re-score the committed validation split with the shipped weights, as `infer` would."""
+    metrics = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())
+    train_config = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    cases = load_cases(shared_data)
+    is_val = split_by_group(cases, train_config["trainer"]["val_fraction"], metrics["seed"])
+    val = cases.frame[is_val]
+    assert len(val) == metrics["subsets"]["all"]["with_metadata"]["n"]
+    probabilities: list[float] = []
+    rows = list(val.itertuples())
+    for start in range(0, len(rows), 32):
+        batch = rows[start : start + 32]
+        findings = fusion_model.score(
+            [load_rgb(r.image) for r in batch],
+            [Demographics(_sourced(r.age), _sourced(r.sex), _sourced(r.site)) for r in batch],
+        )
+        probabilities += [f.probability for f in findings]
+    auc = roc_auc_score(val.label, probabilities)
+    assert auc == pytest.approx(metrics["subsets"]["all"]["with_metadata"]["auc"], abs=1e-3)
+    assert f"{auc:.3f}" in (BUNDLE / "docs" / "README.md").read_text()
