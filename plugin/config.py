@@ -27,6 +27,7 @@ class ListenerSettings:
     ae_title: str
     port: int
     allowed_calling_aes: tuple[str, ...]
+    bind_address: str
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,18 @@ class PacsSettings:
 class FhirSettings:
     base_url: str
     patient_identifier_system: str
+
+
+@dataclass(frozen=True)
+class DemographicsSettings:
+    on_conflict: str
+    fhir_wait_seconds: float
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    retry_initial_seconds: float
+    retry_max_seconds: float
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class Settings:
     study: StudySettings
     pacs: PacsSettings | None
     fhir: FhirSettings | None
+    demographics: DemographicsSettings
+    outbox: OutboxSettings
     storage: StorageSettings
     model: ModelSettings
 
@@ -78,10 +93,12 @@ class Settings:
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "listener": {"ae_title": str, "port": int, "allowed_calling_aes": list},
+    "listener": {"ae_title": str, "port": int, "allowed_calling_aes": list, "bind_address": str},
     "study": {"stable_seconds": (int, float)},
     "pacs": {"ae_title": str, "host": str, "port": int},
     "fhir": {"base_url": str, "patient_identifier_system": str},
+    "demographics": {"on_conflict": str, "fhir_wait_seconds": (int, float)},
+    "outbox": {"retry_initial_seconds": (int, float), "retry_max_seconds": (int, float)},
     "storage": {"dir": str},
     "model": {"bundle_dir": str},
 }
@@ -128,6 +145,12 @@ def _ae(key: str, value: str) -> str:
     return value
 
 
+def _non_negative(key: str, value: float) -> float:
+    if value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")
+    return float(value)
+
+
 def _path(base: Path, value: str) -> Path:
     path = Path(value)
     return path if path.is_absolute() else base / path
@@ -151,9 +174,17 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
     listener = raw["listener"]
     pacs = raw.get("pacs")
     fhir = raw.get("fhir")
-    stable = float(raw["study"]["stable_seconds"])
-    if stable < 0:
-        raise ConfigError(f"study.stable_seconds must be >= 0, got {stable}")
+    stable = _non_negative("study.stable_seconds", raw["study"]["stable_seconds"])
+    demographics = raw["demographics"]
+    if demographics["on_conflict"] not in ("dicom", "fhir"):
+        raise ConfigError(
+            f"demographics.on_conflict must be dicom or fhir, got {demographics['on_conflict']!r}"
+        )
+    outbox = raw["outbox"]
+    initial = _non_negative("outbox.retry_initial_seconds", outbox["retry_initial_seconds"])
+    longest = _non_negative("outbox.retry_max_seconds", outbox["retry_max_seconds"])
+    if longest < initial:
+        raise ConfigError("outbox.retry_max_seconds must be >= outbox.retry_initial_seconds")
     return Settings(
         listener=ListenerSettings(
             ae_title=_ae("listener.ae_title", listener["ae_title"]),
@@ -161,6 +192,7 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             allowed_calling_aes=tuple(
                 _ae("listener.allowed_calling_aes", str(a)) for a in listener["allowed_calling_aes"]
             ),
+            bind_address=listener["bind_address"],
         ),
         study=StudySettings(stable_seconds=stable),
         pacs=None
@@ -178,6 +210,13 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
                 "patient_identifier_system", DEFAULT_PATIENT_IDENTIFIER_SYSTEM
             ),
         ),
+        demographics=DemographicsSettings(
+            on_conflict=demographics["on_conflict"],
+            fhir_wait_seconds=_non_negative(
+                "demographics.fhir_wait_seconds", demographics["fhir_wait_seconds"]
+            ),
+        ),
+        outbox=OutboxSettings(retry_initial_seconds=initial, retry_max_seconds=longest),
         storage=StorageSettings(dir=_path(base, raw["storage"]["dir"])),
         model=ModelSettings(bundle_dir=_path(base, raw["model"]["bundle_dir"])),
     )
