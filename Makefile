@@ -4,9 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 FHIR_VENV := .venv-fhir
 SYSTEM_TOOLS := img2dcm dsrdump dciodvfy storescu echoscu
-SAMPLES := $(wildcard tests/data/*.dcm)
 
-.PHONY: run test lint install fhir-server-install system-deps smoke-train clean
+.PHONY: run test lint install fhir-server-install system-deps smoke-train clean demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,14 +36,42 @@ system-deps:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools; \
 	fi
 
+# The main job on embedded defaults: listener on port 11112, no PACS, no FHIR, results in var/outbox/.
 run: install
-	$(BIN)/dermfusion infer $(SAMPLES) --out var/outbox
+	$(BIN)/dermfusion serve
 
 lint: install
 	$(BIN)/ruff check .
 
-test: install fhir-server-install system-deps lint
-	$(BIN)/python -m pytest
+# Integration tests start Orthanc, which has no bind-address option: run them in a private
+# network namespace (loopback only) when the platform allows it.
+test: install fhir-server-install system-deps orthanc-install lint
+	@if unshare -n true 2>/dev/null; then \
+	  unshare -n sh -c 'ip link set lo up && exec $(BIN)/python -m pytest'; \
+	else \
+	  echo "unshare -n not permitted: Orthanc tests will skip"; $(BIN)/python -m pytest; \
+	fi
+
+# Orthanc PACS (+ DICOMweb plugin) from Debian, for the routing integration tests. The package's
+# own service must not start (tests run Orthanc as a plain process from a temp config), so a
+# policy-rc.d that exits 101 is in place during the install; an existing one is restored after.
+ORTHANC_BIN ?= /usr/sbin/Orthanc
+
+orthanc-install:
+	@if command -v Orthanc >/dev/null 2>&1 || [ -x $(ORTHANC_BIN) ]; then \
+	  echo "Orthanc present: $$(command -v Orthanc || echo $(ORTHANC_BIN))"; exit 0; \
+	fi; \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	POLICY=/usr/sbin/policy-rc.d; BACKUP=""; \
+	if [ -e $$POLICY ]; then BACKUP=$$(mktemp) && $$SUDO cp -p $$POLICY $$BACKUP; fi; \
+	printf '#!/bin/sh\nexit 101\n' | $$SUDO tee $$POLICY >/dev/null && $$SUDO chmod 755 $$POLICY; \
+	$$SUDO apt-get update -q \
+	  && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q orthanc orthanc-dicomweb; \
+	status=$$?; \
+	if [ -n "$$BACKUP" ]; then $$SUDO mv $$BACKUP $$POLICY; else $$SUDO rm -f $$POLICY; fi; \
+	exit $$status
+
+.PHONY: orthanc-install
 
 smoke-train: install
 	$(BIN)/dermfusion train --max-images 64 --epochs 1 --output-dir var/smoke-train

@@ -1,4 +1,4 @@
-"""The ``dermfusion`` command: predict, infer, train (serve arrives with the listener)."""
+"""The ``dermfusion`` command: serve, infer, predict, train."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="TOML file merged over configs/dermfusion.toml")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="DICOM listener: score routed studies, report to PACS and EHR")
 
     predict = sub.add_parser("predict", help="score plain images with optional metadata CSV")
     predict.add_argument("--images", required=True, type=Path, help="folder of .jpg/.png images")
@@ -42,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _bundle_dir(args: argparse.Namespace) -> Path:
     return load_settings(args.config).model.bundle_dir
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from plugin.service import DermfusionService
+
+    DermfusionService(load_settings(args.config)).run_forever()
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -122,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "infer": cmd_infer, "train": cmd_train}
+COMMANDS = {"serve": cmd_serve, "predict": cmd_predict, "infer": cmd_infer, "train": cmd_train}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # one line per event: these libraries log every module copied / PDU exchanged at INFO
+        for chatty in ("highdicom", "pynetdicom"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:

@@ -1,0 +1,251 @@
+"""Issue 3's acceptance tests: `dermfusion serve` between a real Orthanc and a real FHIR server.
+
+Studies go in with DCMTK storescu (into Orthanc, which auto-routes them with the shipped config,
+or straight to dermfusion); SRs are found over Orthanc's REST API, reports in the FHIR server.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import JPEGBaseline8Bit, generate_uid
+
+from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
+from dicom_io.sr import ReportedFinding, read_reported_finding
+from fhir_io import FhirClient
+from fhir_io.reports import STUDY_UID_SYSTEM
+from plugin.domain import SiteCode
+from tests.conftest import SAMPLES, require_tool
+from tests.integration.dermfusion_process import (
+    DermfusionProcess,
+    free_port,
+    running_dermfusion,
+    write_config,
+)
+from tests.integration.orthanc_server import OrthancServer, in_private_network, running_orthanc
+
+pytestmark = pytest.mark.integration
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+PATIENT_SYSTEM = "urn:dermfusion:patient-id"
+T = TypeVar("T")
+
+
+def _eventually(probe: Callable[[], T | None], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    if not in_private_network():
+        pytest.skip("Orthanc binds every interface: run inside `unshare -n` (make test does)")
+    dermfusion_port = free_port()
+    with running_orthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        dicom_port=free_port(),
+        http_port=free_port(),
+        dermfusion_port=dermfusion_port,
+    ) as server:
+        server.dermfusion_port = dermfusion_port  # type: ignore[attr-defined]
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(
+    orthanc: OrthancServer, fhir_base_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DermfusionProcess]:
+    workdir = tmp_path_factory.mktemp("dermfusion")
+    config = write_config(
+        workdir / "dermfusion.toml",
+        port=orthanc.dermfusion_port,  # type: ignore[attr-defined]
+        storage=workdir / "var",
+        pacs_port=orthanc.dicom_port,
+        fhir_url=fhir_base_url,
+    )
+    process = DermfusionProcess(workdir, orthanc.dermfusion_port, config)  # type: ignore[attr-defined]
+    process.start()
+    yield process
+    process.kill(signal.SIGTERM)
+
+
+def _study(
+    tmp_path: Path, patient_id: str, *, age: str | None, sex: str | None, images: int = 1
+) -> tuple[str, list[Path]]:
+    """A new dermoscopy study made from the shipped sample JPEGs (fresh UIDs every time)."""
+    study_uid = generate_uid()
+    files = []
+    for index, jpeg in enumerate(sorted(SAMPLES.glob("ISIC_*.jpg"))[:images]):
+        ds = dermoscopy_dataset(
+            jpeg,
+            transfer_syntax=JPEGBaseline8Bit,
+            patient_id=patient_id,
+            patient_name="Integration^Test",
+            patient_age=age,
+            patient_sex=sex,
+            study_date="20240116",
+            site=SiteCode("22943007", "Trunk"),
+            study_uid=study_uid,
+        )
+        files.append(write_dataset(ds, tmp_path / f"{patient_id}-{index}.dcm"))
+    return study_uid, files
+
+
+def _storescu(ae_title: str, port: int, files: list[Path]) -> None:
+    run = subprocess.run(
+        [
+            require_tool("storescu"),
+            "-R",
+            "-xy",
+            "-aec",
+            ae_title,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def _srs_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[ReportedFinding]:
+    found = []
+    for instance in orthanc.study_instances(study_uid):
+        if orthanc.instance_metadata(instance["ID"]).get("SopClassUid") == COMPREHENSIVE_3D_SR:
+            raw = httpx.get(f"{orthanc.http}/instances/{instance['ID']}/file").content
+            found.append(read_reported_finding(pydicom.dcmread(io.BytesIO(raw))))
+    return found
+
+
+def _reports_for_study(fhir_base_url: str, study_uid: str) -> list[dict[str, Any]]:
+    with FhirClient(fhir_base_url) as client:
+        return client.search(
+            "DiagnosticReport",
+            {
+                "identifier": f"{STUDY_UID_SYSTEM}|urn:oid:{study_uid}",
+                "_include": ["DiagnosticReport:subject", "DiagnosticReport:result"],
+            },
+        )
+
+
+def test_study_routed_by_orthanc_gets_its_sr_and_diagnostic_report(
+    orthanc: OrthancServer, service: DermfusionProcess, fhir_base_url: str, tmp_path: Path
+) -> None:
+    study_uid, files = _study(tmp_path, "DF-IT-0001", age="058Y", sex="M", images=2)
+    _storescu(orthanc.aet, orthanc.dicom_port, files)
+    srs = _eventually(
+        lambda: (s := _srs_in_orthanc(orthanc, study_uid)) and len(s) == 2 and s,
+        90,
+        "two SRs in the study in Orthanc",
+    )
+    sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert {sr.source_sop_instance_uid for sr in srs} == sources
+    assert all(sr.age == 58.0 and sr.sources["age"] == "dicom:PatientAge" for sr in srs)
+    found = _eventually(
+        lambda: (
+            (r := _reports_for_study(fhir_base_url, study_uid))
+            and sum(x["resourceType"] == "DiagnosticReport" for x in r) == 2
+            and r
+        ),
+        60,
+        "two DiagnosticReports in the FHIR server",
+    )
+    patients = [r for r in found if r["resourceType"] == "Patient"]
+    assert [p["identifier"][0] for p in patients] == [
+        {"system": PATIENT_SYSTEM, "value": "DF-IT-0001"}
+    ]
+    for report in (r for r in found if r["resourceType"] == "DiagnosticReport"):
+        assert report["subject"]["reference"] == f"Patient/{patients[0]['id']}"
+
+
+def test_missing_age_and_sex_are_taken_from_the_fhir_patient(
+    orthanc: OrthancServer, service: DermfusionProcess, fhir_base_url: str, tmp_path: Path
+) -> None:
+    httpx.post(
+        f"{fhir_base_url}/Patient",
+        json={
+            "resourceType": "Patient",
+            "gender": "female",
+            "birthDate": "1961-03-10",
+            "identifier": [{"system": PATIENT_SYSTEM, "value": "DF-IT-0002"}],
+        },
+        headers={"Content-Type": "application/fhir+json"},
+    ).raise_for_status()
+    study_uid, files = _study(tmp_path, "DF-IT-0002", age=None, sex=None)
+    _storescu(service.ae_title, service.port, files)
+    (sr,) = _eventually(lambda: _srs_in_orthanc(orthanc, study_uid), 60, "the SR in Orthanc")
+    assert (sr.age, sr.sex) == (62.0, "female")  # born 1961-03-10, studied 2024-01-16
+    assert sr.sources == {
+        "age": "fhir:Patient.birthDate",
+        "sex": "fhir:Patient.gender",
+        "site": "dicom:AnatomicRegionSequence",
+    }
+
+
+def test_sr_waits_for_a_stopped_pacs_and_is_delivered_when_it_is_back(
+    orthanc: OrthancServer, service: DermfusionProcess, tmp_path: Path
+) -> None:
+    study_uid, files = _study(tmp_path, "DF-IT-0003", age="040Y", sex="F")
+    orthanc.stop()
+    try:
+        _storescu(service.ae_title, service.port, files)
+        service.wait_for_log(f"study={study_uid}: scored 1 image(s)", timeout=60)
+        service.wait_for_log("to pacs failed (attempt 2)", timeout=60)
+    finally:
+        orthanc.start()
+    (sr,) = _eventually(lambda: _srs_in_orthanc(orthanc, study_uid), 60, "the SR after restart")
+    assert sr.source_sop_instance_uid == pydicom.dcmread(files[0]).SOPInstanceUID
+
+
+def test_sigkill_after_ack_then_restart_reports_exactly_once(
+    orthanc: OrthancServer, fhir_base_url: str, tmp_path: Path
+) -> None:
+    with running_dermfusion(
+        tmp_path / "svc",
+        pacs_port=orthanc.dicom_port,
+        fhir_url=fhir_base_url,
+        stable_seconds=5.0,
+    ) as service:
+        study_uid, files = _study(tmp_path, "DF-IT-0004", age="071Y", sex="M", images=2)
+        _storescu(service.ae_title, service.port, files)  # exit 0: both acknowledged
+        service.kill(signal.SIGKILL)
+        assert f"study={study_uid}" not in service.log_text()
+        service.start()
+        service.wait_for_log(f"study={study_uid}: scored 2 image(s)", timeout=60)
+        srs = _eventually(
+            lambda: (s := _srs_in_orthanc(orthanc, study_uid)) and len(s) == 2 and s,
+            60,
+            "two SRs in Orthanc",
+        )
+        reports = _eventually(
+            lambda: [
+                r
+                for r in _reports_for_study(fhir_base_url, study_uid)
+                if r["resourceType"] == "DiagnosticReport"
+            ],
+            60,
+            "DiagnosticReports",
+        )
+        time.sleep(3)  # long enough for a duplicate delivery or a second scoring to show
+        assert len(_srs_in_orthanc(orthanc, study_uid)) == 2
+        later = [
+            r
+            for r in _reports_for_study(fhir_base_url, study_uid)
+            if r["resourceType"] == "DiagnosticReport"
+        ]
+        assert len(srs) == 2 and len(reports) == 2 and len(later) == 2
+        assert service.log_text().count(f"study={study_uid}: scored") == 1

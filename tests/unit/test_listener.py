@@ -1,0 +1,336 @@
+"""The Storage SCP over real associations: DCMTK storescu/echoscu as a third-party peer, and
+pynetdicom's own AE as SCU where the test needs the exact DIMSE status or rejection reason."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+from dicom_io.images import SopClass
+from dicom_io.listener import VERIFICATION, ReceivedInstance, StorageListener
+from dicom_io.spool import write_bytes_durably
+from dicom_io.status import StoreStatus
+from tests.conftest import SAMPLES, require_tool
+
+AE_TITLE = "DERMFUSION"
+DMS_FILE = SAMPLES / "dms_jpeg_baseline.dcm"
+VLP_FILE = SAMPLES / "vlp_img2dcm.dcm"
+
+
+class RecordingSink:
+    """Writes each instance to a folder (durably, like the real spool) and records calls."""
+
+    def __init__(self, folder: Path, fail_with: BaseException | None = None) -> None:
+        self.folder = folder
+        self.fail_with = fail_with
+        self.instances: list[ReceivedInstance] = []
+        self.closed: list[str] = []
+        self._lock = threading.Lock()
+
+    def accept(self, instance: ReceivedInstance) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        write_bytes_durably(instance.encoded, self.path_of(instance.sop_instance_uid))
+        with self._lock:
+            self.instances.append(instance)
+
+    def association_closed(self, association_id: str) -> None:
+        with self._lock:
+            self.closed.append(association_id)
+
+    def path_of(self, sop_instance_uid: str) -> Path:
+        return self.folder / f"{sop_instance_uid}.dcm"
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Association teardown finishes in the listener's threads after the peer returns."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> RecordingSink:
+    return RecordingSink(tmp_path)
+
+
+@pytest.fixture
+def listener(sink: RecordingSink) -> Iterator[StorageListener]:
+    with StorageListener(ae_title=AE_TITLE, port=0, host="127.0.0.1", sink=sink) as running:
+        yield running
+
+
+def _storescu(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("storescu"), "-aet", "STORESCU", "-aec", AE_TITLE, *args[:-1]]
+        + ["127.0.0.1", str(port), args[-1]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _scu(*contexts: tuple[str, Sequence[str]], ae_title: str = "TESTSCU") -> AE:
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, list(syntaxes))
+    return ae
+
+
+def _associate(ae: AE, port: int) -> Association:
+    assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    return assoc
+
+
+def _c_store_status(port: int, ds: Dataset | Path, context: tuple[str, Sequence[str]]) -> int:
+    assoc = _associate(_scu(context), port)
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def _ct_file(path: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# Third-party peer: DCMTK.
+
+
+@pytest.mark.parametrize("source", [DMS_FILE, VLP_FILE], ids=["dermoscopic", "vl-photographic"])
+def test_storescu_jpeg_baseline_is_stored_as_received(
+    listener: StorageListener, sink: RecordingSink, source: Path
+) -> None:
+    # -R: propose only the file's SOP class. storescu 3.6.7's default proposal (its built-in
+    # list of 128 storage classes) lacks Dermoscopic Photography. -xy: send JPEG as is.
+    result = _storescu(listener.port, "-R", "-xy", str(source))
+    assert result.returncode == 0, result.stderr
+    original = pydicom.dcmread(source)
+    stored = pydicom.dcmread(sink.path_of(original.SOPInstanceUID))
+    assert stored.SOPInstanceUID == original.SOPInstanceUID
+    assert stored.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert stored.PixelData == original.PixelData
+    (instance,) = sink.instances
+    assert (instance.sop_class_uid, instance.study_instance_uid, instance.calling_ae) == (
+        original.SOPClassUID,
+        original.StudyInstanceUID,
+        "STORESCU",
+    )
+    assert _wait_for(lambda: sink.closed == [instance.association_id])
+    assert not list(sink.folder.glob("*.tmp"))
+
+
+def test_echoscu_succeeds(listener: StorageListener) -> None:
+    result = subprocess.run(
+        [require_tool("echoscu"), "-aec", AE_TITLE, "127.0.0.1", str(listener.port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_ct_is_refused_at_negotiation(
+    listener: StorageListener, sink: RecordingSink, tmp_path: Path
+) -> None:
+    ct = _ct_file(tmp_path / "ct.dcm")
+    # Proposing only CT: the association is accepted with every context rejected.
+    only_ct = _storescu(listener.port, "-R", str(ct))
+    assert only_ct.returncode == 1
+    assert "No Acceptable Presentation Contexts" in only_ct.stderr
+    # storescu's default proposal: our image classes are accepted, CT is not.
+    default = _storescu(listener.port, str(ct))
+    assert default.returncode == 1
+    assert "No presentation context for: (CT) 1.2.840.10008.5.1.4.1.1.2" in default.stderr
+    assert "0006:0208" in default.stderr
+    assert sink.instances == []
+
+
+# pynetdicom as SCU: exact statuses and reasons.
+
+
+def test_calling_ae_not_allowed_is_rejected(sink: RecordingSink) -> None:
+    with StorageListener(
+        ae_title=AE_TITLE,
+        port=0,
+        host="127.0.0.1",
+        sink=sink,
+        allowed_calling_aes=["ORTHANC"],
+    ) as listener:
+        # The RJ PDU as received: pynetdicom's requestor may report a quick rejection as an
+        # abort (its reader closes the socket before the requesting thread looks).
+        received: list[A_ASSOCIATE_RJ] = []
+
+        def keep(event: Event) -> None:
+            if isinstance(event.pdu, A_ASSOCIATE_RJ):
+                received.append(event.pdu)
+
+        assoc = _scu((VERIFICATION, [ExplicitVRLittleEndian]), ae_title="INTRUDER").associate(
+            "127.0.0.1", listener.port, ae_title=AE_TITLE, evt_handlers=[(evt.EVT_PDU_RECV, keep)]
+        )
+        assert not assoc.is_established
+        (rj,) = received
+        # Rejected (permanent), by the service user, "calling AE title not recognized".
+        assert (rj.result, rj.source, rj.reason_diagnostic) == (0x01, 0x01, 0x03)
+        allowed = _scu((VERIFICATION, [ExplicitVRLittleEndian]), ae_title="ORTHANC")
+        ok = _associate(allowed, listener.port)
+        assert int(ok.send_c_echo().Status) == StoreStatus.SUCCESS
+        ok.release()
+    assert len(sink.closed) == 1  # the rejected association is not reported
+
+
+def test_sink_oserror_is_out_of_resources(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sink = RecordingSink(tmp_path, fail_with=OSError(28, "No space left on device"))
+    ds = pydicom.dcmread(DMS_FILE)
+    with (
+        caplog.at_level(logging.WARNING, logger="dicom_io.listener"),
+        StorageListener(ae_title=AE_TITLE, port=0, host="127.0.0.1", sink=sink) as listener,
+    ):
+        status = _c_store_status(
+            listener.port, ds, (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit])
+        )
+    assert (status, StoreStatus(status).name) == (0xA700, "OUT_OF_RESOURCES")
+    (record,) = [r for r in caplog.records if r.name == "dicom_io.listener"]
+    assert "0xA700 OUT_OF_RESOURCES" in record.getMessage()
+    assert ds.SOPInstanceUID in record.getMessage()
+    for identifier in (str(ds.PatientName), str(ds.PatientID)):
+        assert identifier not in caplog.text
+
+
+def test_sink_bug_is_processing_failure(tmp_path: Path) -> None:
+    sink = RecordingSink(tmp_path, fail_with=RuntimeError("state database is locked"))
+    with StorageListener(ae_title=AE_TITLE, port=0, host="127.0.0.1", sink=sink) as listener:
+        status = _c_store_status(
+            listener.port,
+            pydicom.dcmread(DMS_FILE),
+            (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit]),
+        )
+    assert (status, StoreStatus(status).name) == (0x0110, "PROCESSING_FAILURE")
+
+
+def test_missing_study_uid_cannot_be_understood(
+    listener: StorageListener, sink: RecordingSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = pydicom.dcmread(DMS_FILE)
+    del ds.StudyInstanceUID
+    with caplog.at_level(logging.WARNING, logger="dicom_io.listener"):
+        status = _c_store_status(
+            listener.port, ds, (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit])
+        )
+    assert (status, StoreStatus(status).name) == (0xC000, "CANNOT_UNDERSTAND")
+    assert "StudyInstanceUID (0020,000D) is missing" in caplog.text
+    assert sink.instances == []
+
+
+def test_dataset_of_another_sop_class_does_not_match(
+    listener: StorageListener,
+    sink: RecordingSink,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A file whose meta says Dermoscopic Photography (which picks the context and the
+    # command's SOP class) but whose data set says VL Photographic.
+    ds = pydicom.dcmread(DMS_FILE)
+    ds.SOPClassUID = SopClass.VL_PHOTOGRAPHIC.value
+    path = tmp_path / "mislabelled.dcm"
+    ds.save_as(path)
+    meta_class = str(pydicom.dcmread(path).file_meta.MediaStorageSOPClassUID)
+    assert meta_class == SopClass.DERMOSCOPIC_PHOTOGRAPHY.value
+    # Sent from the file as is: pynetdicom then takes the SOP class from the file meta.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    status = _c_store_status(
+        listener.port, path, (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit])
+    )
+    assert (status, StoreStatus(status).name) == (0xA900, "DATASET_DOES_NOT_MATCH_SOP_CLASS")
+    assert sink.instances == []
+
+
+def test_association_closed_once_on_release_and_on_abort(
+    listener: StorageListener, sink: RecordingSink
+) -> None:
+    context = (SopClass.DERMOSCOPIC_PHOTOGRAPHY.value, [JPEGBaseline8Bit])
+    released = _associate(_scu(context), listener.port)
+    assert int(released.send_c_store(pydicom.dcmread(DMS_FILE)).Status) == StoreStatus.SUCCESS
+    released.release()
+    assert _wait_for(lambda: len(sink.closed) == 1)
+    assert sink.closed == [sink.instances[0].association_id]
+
+    aborted = _associate(_scu(context), listener.port)
+    aborted.abort()
+    assert _wait_for(lambda: len(sink.closed) == 2)
+
+    # Connection lost: the peer's socket closes without A-RELEASE or A-ABORT.
+    lost = _associate(_scu(context), listener.port)
+    assert lost.dul.socket is not None and lost.dul.socket.socket is not None
+    lost.dul.socket.socket.close()
+    assert _wait_for(lambda: len(sink.closed) == 3)
+    lost.kill()
+
+    time.sleep(0.2)  # any duplicate call would land here
+    assert len(sink.closed) == len(set(sink.closed)) == 3
+
+
+@pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_native_syntaxes_are_stored_as_received(
+    listener: StorageListener, sink: RecordingSink, syntax: str
+) -> None:
+    ds = pydicom.dcmread(DMS_FILE)
+    del ds.PixelData  # drop the encapsulated element, with its undefined length
+    ds.PixelData = np.arange(ds.Rows * ds.Columns * 3, dtype=np.uint8).tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.PhotometricInterpretation = "RGB"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    status = _c_store_status(listener.port, ds, (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [syntax]))
+    assert status == StoreStatus.SUCCESS
+    (instance,) = sink.instances
+    stored = pydicom.dcmread(sink.path_of(ds.SOPInstanceUID))
+    assert stored.file_meta.TransferSyntaxUID == syntax
+    assert stored.PixelData == ds.PixelData
