@@ -73,6 +73,10 @@ orthanc-install:
 
 .PHONY: orthanc-install
 
+# Orthanc + FHIR server + dermfusion on loopback; a few studies through; a table of results.
+demo: install fhir-server-install system-deps orthanc-install
+	unshare -n sh -c 'ip link set lo up && exec $(BIN)/python -m tests.integration.demo'
+
 smoke-train: install
 	$(BIN)/dermfusion train --max-images 64 --epochs 1 --output-dir var/smoke-train
 

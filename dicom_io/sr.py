@@ -7,6 +7,7 @@ family DCM 123110), the finding site, and the demographics the model used with t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 
@@ -176,7 +177,7 @@ class MeasurementReportWriter:
             imaging_measurements=[group],
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[source],
+            evidence=[_with_type2_attributes(source)],
             content=report[0],
             series_instance_uid=sr_series_uid(ref.study_instance_uid, model),
             series_number=self.series_number,
@@ -189,6 +190,32 @@ class MeasurementReportWriter:
         )
         sr.CodingSchemeIdentificationSequence = [_private_scheme()]
         return sr
+
+
+# Type 2 Patient and Study attributes highdicom copies into the SR: present (maybe empty) in a
+# conformant image, but a non-conformant sender may leave them out entirely.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def _with_type2_attributes(source: Dataset) -> Dataset:
+    """The source header with absent type 2 attributes added empty, so the SR can be built."""
+    missing = [keyword for keyword in _TYPE2_COPIED if keyword not in source]
+    if not missing:
+        return source
+    completed = copy.deepcopy(source)
+    for keyword in missing:
+        setattr(completed, keyword, None)
+    return completed
 
 
 def _private_scheme() -> Dataset:

@@ -110,9 +110,11 @@ def write_config(
 
 
 @contextmanager
-def running_dermfusion(workdir: Path, **config: object) -> Iterator[DermfusionProcess]:
+def running_dermfusion(
+    workdir: Path, port: int | None = None, **config: object
+) -> Iterator[DermfusionProcess]:
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     config_path = write_config(
         workdir / "dermfusion.toml", port=port, storage=workdir / "var", **config
     )  # type: ignore[arg-type]

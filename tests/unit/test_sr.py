@@ -87,3 +87,22 @@ def test_sr_uid_is_stable_per_source_image_and_model_version() -> None:
 def test_probability_outside_0_1_is_refused() -> None:
     with pytest.raises(ValueError, match="finding.probability"):
         _build(1.5, _demographics())
+
+
+def test_source_without_type2_patient_attributes_still_gives_a_valid_sr(tmp_path: Path) -> None:
+    image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
+    header = image.dataset
+    for keyword in ("PatientSex", "PatientBirthDate", "StudyID", "AccessionNumber"):
+        if keyword in header:
+            delattr(header, keyword)
+    sr = MeasurementReportWriter().build(
+        source=header,
+        ref=image.ref,
+        finding=Finding(0.3, 0.25, MODEL),
+        demographics=Demographics.unknown(),
+    )
+    assert "PatientSex" in sr and not sr.PatientSex and "PatientSex" not in header
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    assert not [x for x in (run.stdout + run.stderr).splitlines() if "Error" in x]
