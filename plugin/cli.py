@@ -15,25 +15,37 @@ log = logging.getLogger("dermfusion")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dermfusion", description=__doc__)
-    parser.add_argument("--config", help="TOML file merged over configs/dermfusion.toml")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # --config and -v are accepted before or after the subcommand (`dermfusion serve --config F`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML file merged over configs/dermfusion.toml"
+    )
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog="dermfusion", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("serve", help="DICOM listener: score routed studies, report to PACS and EHR")
+    sub.add_parser(
+        "serve",
+        parents=[common],
+        help="DICOM listener: score routed studies, report to PACS and EHR",
+    )
 
-    predict = sub.add_parser("predict", help="score plain images with optional metadata CSV")
+    predict = sub.add_parser(
+        "predict", parents=[common], help="score plain images with optional metadata CSV"
+    )
     predict.add_argument("--images", required=True, type=Path, help="folder of .jpg/.png images")
     predict.add_argument("--metadata", type=Path, help="ISIC 2020 or HAM10000 style CSV")
     predict.add_argument("--out", required=True, type=Path, help="output CSV")
 
     infer = sub.add_parser(
-        "infer", help="score DICOM files; write SR (.dcm) and FHIR Bundle (.json)"
+        "infer", parents=[common], help="score DICOM files; write SR (.dcm) and FHIR Bundle (.json)"
     )
     infer.add_argument("files", nargs="+", type=Path)
     infer.add_argument("--out", required=True, type=Path, help="output folder")
 
-    train = sub.add_parser("train", help="train the bundle (configs/train.json) on ../shared/data")
+    train = sub.add_parser(
+        "train", parents=[common], help="train the bundle (configs/train.json) on ../shared/data"
+    )
     train.add_argument("--data-root", type=Path, help="default: train.json's data_root")
     train.add_argument("--output-dir", type=Path, help="default: the bundle's models/")
     train.add_argument("--max-images", type=int, help="smoke run on a small stratified subset")
@@ -136,6 +148,8 @@ COMMANDS = {"serve": cmd_serve, "predict": cmd_predict, "infer": cmd_infer, "tra
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.config = getattr(args, "config", None)
+    args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

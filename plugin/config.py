@@ -170,6 +170,8 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
                 raw = _merge(raw, tomllib.load(handle))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: {error}") from None
+        except OSError as error:
+            raise ConfigError(f"{path}: {error.strerror}") from None
     _check(raw)
     listener = raw["listener"]
     pacs = raw.get("pacs")

@@ -66,3 +66,18 @@ dir = "/srv/dermfusion"
 def test_bad_values_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_settings(_write(tmp_path, text), base_dir=tmp_path)
+
+
+def test_cli_takes_config_after_the_subcommand_and_names_an_unreadable_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from plugin.cli import main
+
+    assert main(["serve", "--config", str(tmp_path / "absent.toml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"dermfusion: configuration: {tmp_path / 'absent.toml'}: No such file or directory"
+    )
+    bad = _write(tmp_path, "[listener]\nport = 0\n")
+    assert main(["--config", str(bad), "serve"]) == 2
+    assert "listener.port must be a TCP port" in capsys.readouterr().err
