@@ -46,11 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", parents=[common], help="train the bundle (configs/train.json) on ../shared/data"
     )
-    train.add_argument("--data-root", type=Path, help="default: train.json's data_root")
+    train.add_argument("--data-root", type=Path, help="default: ../shared/data")
     train.add_argument("--output-dir", type=Path, help="default: the bundle's models/")
     train.add_argument("--max-images", type=int, help="smoke run on a small stratified subset")
     train.add_argument("--epochs", type=int)
     train.add_argument("--seed", type=int)
+
+    evaluate = sub.add_parser(
+        "evaluate", parents=[common], help="report folder for the shipped weights (evaluate.json)"
+    )
+    evaluate.add_argument("--data-root", type=Path, help="default: ../shared/data")
+    evaluate.add_argument("--out", type=Path, help="default: the bundle's docs/evaluation/")
     return parser
 
 
@@ -143,7 +149,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "predict": cmd_predict, "infer": cmd_infer, "train": cmd_train}
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from monai.bundle import run
+
+    settings = load_settings(args.config)
+    bundle = settings.model.bundle_dir
+    overrides: dict[str, object] = {
+        "bundle_root": str(bundle),
+        "data_root": str(args.data_root or REPO_ROOT.parent / "shared" / "data"),
+        "cache_dir": str(settings.storage.dir / "cache"),
+    }
+    if args.out:
+        overrides["output_dir"] = str(args.out)
+    run(
+        config_file=str(bundle / "configs" / "evaluate.json"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        **overrides,
+    )
+    return 0
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "predict": cmd_predict,
+    "infer": cmd_infer,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

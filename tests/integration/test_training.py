@@ -66,3 +66,30 @@ def test_shipped_weights_reproduce_the_model_card_auc(shared_data: Path, fusion_
     auc = roc_auc_score(val.label, probabilities)
     assert auc == pytest.approx(metrics["subsets"]["all"]["with_metadata"]["auc"], abs=1e-3)
     assert f"{auc:.3f}" in (BUNDLE / "docs" / "README.md").read_text()
+
+
+def test_evaluate_writes_the_report_and_agrees_with_training(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    out = tmp_path / "report"
+    assert main(["evaluate", "--data-root", str(shared_data), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())
+    for subset in ("all", "ham10000", "isic2020"):
+        assert metrics["subsets"][subset]["fusion"]["auc"] == pytest.approx(
+            trained["subsets"][subset]["with_metadata"]["auc"], abs=1e-4
+        )
+        assert metrics["subsets"][subset]["image_only"]["auc"] == pytest.approx(
+            trained["subsets"][subset]["no_metadata"]["auc"], abs=1e-4
+        )
+        assert 0.5 < metrics["subsets"][subset]["metadata_only"]["auc"] < 0.8
+    confusion = json.loads((out / "confusion.json").read_text())["counts"]["all"]
+    assert confusion["true_positive"] + confusion["false_negative"] == 200
+    assert sum(confusion.values()) == trained["subsets"]["all"]["with_metadata"]["n"]
+    for png in ("roc.png", "reliability.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    subgroups = (out / "subgroups.csv").read_text().splitlines()
+    assert subgroups[0].startswith("variable,value,n,n_melanoma,auc")
+    assert any(line.startswith("sex,female,") for line in subgroups)
+    committed = (BUNDLE / "docs" / "evaluation" / "report.md").read_text()
+    assert (out / "report.md").read_text() == committed

@@ -1,0 +1,117 @@
+"""Grad-CAM saliency for FusionNet's melanoma logit, and a PNG overlay for reviewers.
+
+The map answers "which parts of the image pushed the melanoma logit up" for one case with its
+metadata. It is computed on a private copy of the network, so the shared, loaded network (the
+service scores with it from other threads) never sees a hook, a gradient or a mode change.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+from PIL import Image
+from torch import nn
+
+from monai_bundle.scripts.metadata import METADATA_WIDTH
+from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.transforms import IMAGE_SIZE
+
+# Name of the hooked layer inside ``_ImageOnlyNet``: the backbone's last feature map (after
+# the head conv, BN and ReLU6, 1280x7x7), i.e. exactly the tensor global pooling averages.
+TARGET_LAYER = "feature_map"
+OVERLAY_ALPHA = 0.45
+
+
+class _ImageOnlyNet(nn.Module):
+    """FusionNet with the metadata closed over, since MONAI's GradCAM calls ``model(x)``.
+
+    The backbone runs without autograd (nothing below the last feature map is needed for
+    Grad-CAM); the feature map then passes through an ``nn.Identity`` that GradCAM hooks, so
+    the hooked tensor is the rectified map that pooling sees, not a pre-activation.
+    """
+
+    def __init__(self, network: FusionNet, metadata: torch.Tensor) -> None:
+        super().__init__()
+        self.network = network
+        self.feature_map = nn.Identity()
+        self.register_buffer("metadata", metadata.reshape(1, -1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.network.backbone.extract_features(image)
+        features = self.feature_map(features.detach().requires_grad_(True))
+        # Same as the backbone's AdaptiveAvgPool2d(1) + flatten (its dropout and fc are Identity).
+        pooled = features.mean(dim=(2, 3))
+        metadata = self.metadata.expand(image.shape[0], -1)
+        return self.network.head(pooled, metadata)
+
+
+def _check_inputs(image: torch.Tensor, metadata: torch.Tensor) -> None:
+    if tuple(image.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(
+            f"image must be a preprocessed 3x{IMAGE_SIZE}x{IMAGE_SIZE} tensor, got "
+            f"{tuple(image.shape)}"
+        )
+    if tuple(metadata.shape) != (METADATA_WIDTH,):
+        raise ValueError(
+            f"metadata must be an encoded vector of {METADATA_WIDTH}, got {tuple(metadata.shape)}"
+        )
+
+
+def saliency_map(network: FusionNet, image: torch.Tensor, metadata: torch.Tensor) -> np.ndarray:
+    """Grad-CAM of the melanoma logit as a 224x224 float32 map in [0, 1] (1 = most salient).
+
+    ``image`` is one ``preprocess_rgb`` output, ``metadata`` one ``encode_metadata`` vector.
+    Grad-CAM keeps only evidence *for* melanoma (ReLU), so a case with none gives an all-zero
+    map rather than a min-max-stretched noise pattern.
+    """
+    _check_inputs(image, metadata)
+    # Callers may sit inside FusionModel.score's inference_mode; Grad-CAM needs autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        private = copy.deepcopy(network).eval()
+        for parameter in private.parameters():
+            parameter.requires_grad_(False)
+        model = _ImageOnlyNet(private, metadata.detach().clone().float())
+        # Identity postprocessing: MONAI's default_normalizer maps max to 0 (it flips the map).
+        cam = GradCAM(nn_module=model, target_layers=TARGET_LAYER, postprocessing=lambda x: x)
+        try:
+            raw = cam(image.detach().clone().float().unsqueeze(0), class_idx=0)
+        finally:
+            # GradCAM registers hooks without returning handles; they live on the private copy,
+            # which is dropped here, but clear them so nothing keeps the cached tensors alive.
+            model.feature_map._forward_hooks.clear()
+            model.feature_map._backward_hooks.clear()
+            cam.nn_module.activations.clear()
+            cam.nn_module.gradients.clear()
+    heat = raw.detach()[0, 0].cpu().numpy().astype(np.float32)
+    low, high = float(heat.min()), float(heat.max())
+    if not np.isfinite(high) or high - low <= 1e-12:
+        return np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    return np.clip((heat - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def jet_colours(values: np.ndarray) -> np.ndarray:
+    """A jet-like colour map (blue → cyan → yellow → red) for values in [0, 1], as uint8 RGB."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # where R, G, B peak
+    rgb = np.clip(1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0)
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def overlay_png(rgb: np.ndarray, saliency: np.ndarray, path: Path) -> None:
+    """Write the image (resized to 224x224, as the network saw it) blended with the map."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+    if saliency.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"saliency must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {saliency.shape}")
+    image = Image.fromarray(rgb)
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    base = np.asarray(image, dtype=np.float32)
+    colours = jet_colours(saliency).astype(np.float32)
+    blended = (1.0 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * colours
+    Image.fromarray(np.round(blended).clip(0, 255).astype(np.uint8)).save(Path(path), format="PNG")
