@@ -30,6 +30,17 @@ SUBJECT_AGE = Code("121033", "DCM", "Subject Age")
 SUBJECT_SEX = Code("121032", "DCM", "Subject Sex")
 NO_UNITS = Code("1", "UCUM", "no units")
 YEARS = Code("a", "UCUM", "year")
+AREA = Code("42798000", "SCT", "Area")
+DIAMETER = Code("81827009", "SCT", "Diameter")
+SQUARE_MM = Code("mm2", "UCUM", "square millimeter")
+MILLIMETRE = Code("mm", "UCUM", "millimeter")
+LESION_AREA_FRACTION = Code("area-fraction", PRIVATE_SCHEME, "Lesion area fraction of image")
+# How much each field moved the probability (with the field minus with it withheld).
+ATTRIBUTION_CODES = {
+    "age": Code("attr-age", PRIVATE_SCHEME, "Probability change from subject age"),
+    "sex": Code("attr-sex", PRIVATE_SCHEME, "Probability change from subject sex"),
+    "site": Code("attr-site", PRIVATE_SCHEME, "Probability change from lesion site"),
+}
 SEX_CODES = {"male": Code("M", "DCM", "Male"), "female": Code("F", "DCM", "Female")}
 OPERATING_THRESHOLD = Code("threshold", PRIVATE_SCHEME, "Operating threshold")
 SOURCE_CODES = {
@@ -106,6 +117,29 @@ class MeasurementReportWriter:
                 name=OPERATING_THRESHOLD, value=round(finding.threshold, 6), unit=NO_UNITS
             ),
         ]
+        for field_name, change in finding.attributions:
+            measurements.append(
+                hd.sr.Measurement(
+                    name=ATTRIBUTION_CODES[field_name], value=round(change, 6), unit=NO_UNITS
+                )
+            )
+        if finding.lesion is not None:
+            lesion = finding.lesion
+            measurements.append(
+                hd.sr.Measurement(
+                    name=LESION_AREA_FRACTION, value=round(lesion.area_fraction, 6), unit=NO_UNITS
+                )
+            )
+            if lesion.area_mm2 is not None:
+                measurements.append(
+                    hd.sr.Measurement(name=AREA, value=round(lesion.area_mm2, 3), unit=SQUARE_MM)
+                )
+            if lesion.diameter_mm is not None:
+                measurements.append(
+                    hd.sr.Measurement(
+                        name=DIAMETER, value=round(lesion.diameter_mm, 3), unit=MILLIMETRE
+                    )
+                )
         if demographics.age.value is not None:
             measurements.append(
                 hd.sr.Measurement(name=SUBJECT_AGE, value=float(demographics.age.value), unit=YEARS)
@@ -240,6 +274,9 @@ class ReportedFinding:
     site_code: str | None
     sources: dict[str, str]
     source_sop_instance_uid: str
+    attributions: dict[str, float]
+    lesion_area_fraction: float | None
+    lesion_area_mm2: float | None
 
 
 def _walk(items: Dataset | list[Dataset]):  # type: ignore[no-untyped-def]
@@ -290,4 +327,11 @@ def read_reported_finding(sr: Dataset) -> ReportedFinding:
         site_code=None if site is None else str(site.ConceptCodeSequence[0].CodeValue),
         sources={field: text(code) for field, code in SOURCE_CODES.items()},
         source_sop_instance_uid=str(source_image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID),
+        attributions={
+            field_name: value
+            for field_name, code in ATTRIBUTION_CODES.items()
+            if (value := num(code)) is not None
+        },
+        lesion_area_fraction=num(LESION_AREA_FRACTION),
+        lesion_area_mm2=num(AREA),
     )

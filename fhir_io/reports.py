@@ -204,6 +204,7 @@ def report_bundle(
                         valueCodeableConcept=CodeableConcept(coding=[MELANOMA]),
                     ),
                     *_demographic_components(demographics, body_site),
+                    *_explanation_components(finding),
                 ],
                 **common,
             )
@@ -362,6 +363,44 @@ def _demographic_components(
                 **value,
             )
         )
+    return components
+
+
+_ATTRIBUTION_TEXT = {
+    "age": "Change in melanoma probability from the subject's age (AI attribution)",
+    "sex": "Change in melanoma probability from the subject's sex (AI attribution)",
+    "site": "Change in melanoma probability from the lesion site (AI attribution)",
+}
+
+
+def _explanation_components(finding: Finding) -> list[ObservationComponent]:
+    """Per-field attributions (probability with the field minus without it) and lesion size."""
+    components = [
+        ObservationComponent(
+            code=CodeableConcept(text=_ATTRIBUTION_TEXT[name]), valueQuantity=_unitless(change)
+        )
+        for name, change in finding.attributions
+    ]
+    lesion = finding.lesion
+    if lesion is not None:
+        components.append(
+            ObservationComponent(
+                code=CodeableConcept(text="Lesion area, fraction of the image (segmentation)"),
+                valueQuantity=_unitless(lesion.area_fraction),
+            )
+        )
+        if lesion.area_mm2 is not None:
+            components.append(
+                ObservationComponent(
+                    code=CodeableConcept(
+                        coding=[_coding(SCT, "42798000", "Area")],
+                        text="Lesion area (segmentation)",
+                    ),
+                    valueQuantity=Quantity(
+                        value=lesion.area_mm2, unit="mm2", system=UCUM, code="mm2"
+                    ),
+                )
+            )
     return components
 
 

@@ -115,6 +115,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             stem = report.sr.SOPInstanceUID
             report.sr.save_as(args.out / f"{stem}.dcm", enforce_file_format=True)
             (args.out / f"{stem}.json").write_text(json.dumps(report.bundle, indent=2) + "\n")
+            report.write_saliency_png(args.out / f"{stem}_saliency.png")
             print(
                 f"{report.image.ref.sop_instance_uid}\t{report.finding.probability:.4f}\t"
                 f"{'melanoma suspected' if report.finding.melanoma_suspected else 'negative'}\t"

@@ -221,12 +221,27 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True)
+class LesionSize:
+    """Lesion extent from a segmentation; mm values only where the image has a pixel spacing."""
+
+    area_fraction: float
+    area_mm2: float | None = None
+    diameter_mm: float | None = None
+
+
+@dataclass(frozen=True)
 class Finding:
-    """The model's result for one image."""
+    """The model's result for one image.
+
+    ``attributions`` says, per metadata field the model had, how much that field moved this
+    probability: probability with it minus probability with it withheld (marked missing).
+    """
 
     probability: float
     threshold: float
     model: ModelIdentity
+    attributions: tuple[tuple[str, float], ...] = ()
+    lesion: LesionSize | None = None
 
     @property
     def melanoma_suspected(self) -> bool:

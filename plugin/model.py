@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from monai_bundle.scripts.metadata import METADATA_WIDTH, encode_metadata
+from monai_bundle.scripts.metadata import FIELD_SLOTS, METADATA_WIDTH, encode_metadata
+from monai_bundle.scripts.saliency import saliency_map
 from monai_bundle.scripts.transforms import IMAGE_SIZE, preprocess_rgb
 from plugin.domain import Demographics, Finding, ModelIdentity
 
@@ -53,27 +54,54 @@ class FusionModel:
     def score(
         self, images: Sequence[np.ndarray], demographics: Sequence[Demographics]
     ) -> list[Finding]:
-        """One Finding per (RGB image, demographics) pair, scored in one batch."""
+        """One Finding per (RGB image, demographics) pair, scored in one batch.
+
+        The image branch runs once; the head runs again per known field with that field
+        withheld, which gives each field's attribution at the cost of a few tiny matmuls.
+        """
         if len(images) != len(demographics):
             raise ValueError(f"{len(images)} images but {len(demographics)} demographics")
         if not images:
             return []
         batch = torch.stack([preprocess_rgb(rgb) for rgb in images])
-        metadata = torch.from_numpy(
-            np.stack(
-                [
-                    encode_metadata(
-                        None if d.age.value is None else float(d.age.value),
-                        None if d.sex.value is None else str(d.sex.value),
-                        None if d.site.value is None else str(d.site.value),
-                    )
-                    for d in demographics
-                ]
+        features = self.network.image_features(batch.contiguous(memory_format=torch.channels_last))
+        metadata = torch.from_numpy(np.stack([_encode(d) for d in demographics]))
+        probabilities = self._head(features, metadata)
+        withheld = {}
+        for name, (values, missing) in FIELD_SLOTS.items():
+            without = metadata.clone()
+            without[:, values] = 0.0
+            without[:, missing] = 1.0
+            withheld[name] = self._head(features, without)
+        findings = []
+        for i, d in enumerate(demographics):
+            known = [n for n in FIELD_SLOTS if getattr(d, n).value is not None]
+            findings.append(
+                Finding(
+                    probability=probabilities[i],
+                    threshold=self.threshold,
+                    model=self.identity,
+                    attributions=tuple((n, probabilities[i] - withheld[n][i]) for n in known),
+                )
             )
+        return findings
+
+    def _head(self, features: torch.Tensor, metadata: torch.Tensor) -> list[float]:
+        return [float(p) for p in torch.sigmoid(self.network.head(features, metadata)).reshape(-1)]
+
+    def saliency(self, rgb: np.ndarray, demographics: Demographics) -> np.ndarray:
+        """Grad-CAM of the melanoma logit, 224x224 in [0, 1] (the network's view of the image)."""
+        return saliency_map(
+            self.network, preprocess_rgb(rgb), torch.from_numpy(_encode(demographics))
         )
-        logits = self.network(batch.contiguous(memory_format=torch.channels_last), metadata)
-        probabilities = torch.sigmoid(logits).reshape(-1).tolist()
-        return [Finding(float(p), self.threshold, self.identity) for p in probabilities]
+
+
+def _encode(d: Demographics) -> np.ndarray:
+    return encode_metadata(
+        None if d.age.value is None else float(d.age.value),
+        None if d.sex.value is None else str(d.sex.value),
+        None if d.site.value is None else str(d.site.value),
+    )
 
 
 def _check_data_format(meta: dict) -> None:  # type: ignore[type-arg]

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from highdicom.sr import Comprehensive3DSR
 
 from dicom_io.images import DermoscopyImage
 from dicom_io.sr import MeasurementReportWriter
 from fhir_io import report_bundle
-from plugin.domain import Demographics, Finding
+from monai_bundle.scripts.lesion import measure_lesion
+from monai_bundle.scripts.saliency import overlay_png
+from plugin.domain import Demographics, Finding, LesionSize
 from plugin.model import FusionModel
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,29 @@ class ImageReport:
     finding: Finding
     sr: Comprehensive3DSR
     bundle: dict[str, Any]
+    saliency: np.ndarray  # 224x224 in [0, 1], the network's view of the image
+
+    def write_saliency_png(self, path: Path) -> None:
+        overlay_png(self.image.rgb, self.saliency, path)
+
+
+def pixel_spacing_mm(image: DermoscopyImage) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from PixelSpacing, if the image carries a usable one."""
+    spacing = image.dataset.get("PixelSpacing")
+    try:
+        row, column = (float(v) for v in spacing)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return (row, column) if row > 0 and column > 0 else None
+
+
+def lesion_size(image: DermoscopyImage) -> LesionSize:
+    measured = measure_lesion(image.rgb, pixel_spacing_mm(image))
+    return LesionSize(
+        area_fraction=measured.area_fraction,
+        area_mm2=measured.area_mm2,
+        diameter_mm=measured.diameter_mm,
+    )
 
 
 @dataclass
@@ -42,7 +69,8 @@ class ReportPipeline:
         findings = self.model.score([i.rgb for i in images], demographics)
         issued = datetime.now(UTC)
         reports = []
-        for image, demo, finding in zip(images, demographics, findings, strict=True):
+        for image, demo, scored in zip(images, demographics, findings, strict=True):
+            finding = replace(scored, lesion=lesion_size(image))
             sr = self.sr_writer.build(
                 source=image.dataset, ref=image.ref, finding=finding, demographics=demo
             )
@@ -56,13 +84,15 @@ class ReportPipeline:
                 issued=issued,
             )
             log.info(
-                "scored sop=%s probability=%.4f suspected=%s age=%s sex=%s site=%s",
+                "scored sop=%s probability=%.4f suspected=%s age=%s sex=%s site=%s lesion=%.1f%%",
                 image.ref.sop_instance_uid,
                 finding.probability,
                 finding.melanoma_suspected,
                 demo.age.source.value,
                 demo.sex.source.value,
                 demo.site.source.value,
+                100 * finding.lesion.area_fraction if finding.lesion else float("nan"),
             )
-            reports.append(ImageReport(image, demo, finding, sr, bundle))
+            saliency = self.model.saliency(image.rgb, demo)
+            reports.append(ImageReport(image, demo, finding, sr, bundle, saliency))
         return reports

@@ -181,6 +181,7 @@ class StudyProcessor:
         bundle_path = self.outbox_dir / f"{uid}.json"
         write_bytes_durably(buffer.getvalue(), sr_path)
         write_bytes_durably((json.dumps(report.bundle, indent=2) + "\n").encode(), bundle_path)
+        report.write_saliency_png(self.outbox_dir / f"{uid}_saliency.png")  # kept locally
         owed = []
         if PACS in self.destinations:
             owed.append(OutboxItem(f"sr:{report.sr.SOPInstanceUID}", PACS, sr_path, 0))

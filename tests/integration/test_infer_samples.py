@@ -61,6 +61,7 @@ def test_bad_inputs_get_one_line_each_and_the_good_ones_are_scored(outputs) -> N
     assert "sr_as_input.dcm" in errors[0] and "1.2.840.10008.5.1.4.1.1.88.34" in errors[0]
     assert "truncated.dcm" in errors[1]
     assert len(list(out.glob("*.dcm"))) == 2 and len(list(out.glob("*.json"))) == 2
+    assert len(list(out.glob("*_saliency.png"))) == 2
 
 
 def test_sample_srs_pass_dciodvfy_and_match_predict(outputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
