@@ -57,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--data-root", type=Path, help="default: ../shared/data")
     evaluate.add_argument("--out", type=Path, help="default: the bundle's docs/evaluation/")
+    evaluate.add_argument(
+        "--leave-one-clinic-out",
+        action="store_true",
+        help="retrain the train.json recipe once per HAM10000 clinic and score the held-out one "
+        "(proxy for another hospital): leave_one_clinic_out.{json,md}; writes no weights",
+    )
+    evaluate.add_argument(
+        "--max-images", type=int, help="leave-one-clinic-out smoke run on a stratified subset"
+    )
+    evaluate.add_argument("--epochs", type=int, help="leave-one-clinic-out: override train.json")
     return parser
 
 
@@ -124,16 +134,28 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _run_bundle_config(
+    args: argparse.Namespace, config: str, run_id: str = "run", **overrides: object
+) -> int:
+    """Run one of the bundle's configs with this installation's paths (data, cache, bundle)."""
     from monai.bundle import run
 
     settings = load_settings(args.config)
     bundle = settings.model.bundle_dir
-    overrides: dict[str, object] = {
-        "bundle_root": str(bundle),
-        "data_root": str(args.data_root or REPO_ROOT.parent / "shared" / "data"),
-        "cache_dir": str(settings.storage.dir / "cache"),
-    }
+    run(
+        run_id=run_id,
+        config_file=str(bundle / "configs" / config),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        bundle_root=str(bundle),
+        data_root=str(args.data_root or REPO_ROOT.parent / "shared" / "data"),
+        cache_dir=str(settings.storage.dir / "cache"),
+        **overrides,
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = {}
     if args.output_dir:
         overrides["output_dir"] = str(args.output_dir)
     if args.max_images:
@@ -142,32 +164,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["trainer#epochs"] = args.epochs
     if args.seed is not None:
         overrides["seed"] = args.seed
-    run(
-        config_file=str(bundle / "configs" / "train.json"),
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        **overrides,
-    )
-    return 0
+    return _run_bundle_config(args, "train.json", **overrides)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from monai.bundle import run
-
-    settings = load_settings(args.config)
-    bundle = settings.model.bundle_dir
-    overrides: dict[str, object] = {
-        "bundle_root": str(bundle),
-        "data_root": str(args.data_root or REPO_ROOT.parent / "shared" / "data"),
-        "cache_dir": str(settings.storage.dir / "cache"),
-    }
+    if (args.max_images or args.epochs) and not args.leave_one_clinic_out:
+        print(
+            "dermfusion evaluate: --max-images/--epochs need --leave-one-clinic-out",
+            file=sys.stderr,
+        )
+        return 2
+    overrides: dict[str, object] = {}
     if args.out:
         overrides["output_dir"] = str(args.out)
-    run(
-        config_file=str(bundle / "configs" / "evaluate.json"),
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        **overrides,
-    )
-    return 0
+    if args.max_images:
+        overrides["loco_max_images"] = args.max_images
+    if args.epochs:
+        overrides["loco_epochs"] = args.epochs
+    run_id = "loco" if args.leave_one_clinic_out else "run"
+    return _run_bundle_config(args, "evaluate.json", run_id=run_id, **overrides)
 
 
 COMMANDS = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 def _known(value: Any) -> Any:
     """pandas stores a missing value as NaN; the encoder wants None."""
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What a head fit reads, row-aligned with ``cases.frame``: loaded once, shared by folds."""
+
+    cases: Cases
+    features: dict[str, np.ndarray]
+    metadata: np.ndarray
+    labels: np.ndarray
 
 
 class FrozenBackboneTrainer:
@@ -87,14 +98,8 @@ class FrozenBackboneTrainer:
         frame = cases.frame
         is_val = split_by_group(cases, self.val_fraction, self.seed)
         network = FusionNet(imagenet_init=True)
-        features = image_features(network, list(frame.image), self.views, self.cache_dir)
-        metadata = np.stack(
-            [
-                encode_metadata(_known(r.age), _known(r.sex), _known(r.site))
-                for r in frame.itertuples()
-            ]
-        )
-        labels = frame.label.to_numpy().astype(np.float32)
+        inputs = self.head_inputs(cases, network)
+        features, metadata, labels = inputs.features, inputs.metadata, inputs.labels
         log.info(
             "training on %d images (%d melanoma), validating on %d (%d melanoma)",
             (~is_val).sum(),
@@ -106,6 +111,41 @@ class FrozenBackboneTrainer:
         report = self._validate(network, features["identity"], metadata, frame, is_val)
         self._save(network, report)
         return report
+
+    def fresh_network(self) -> FusionNet:
+        """An untrained head on the ImageNet backbone, initialised exactly as ``run`` does."""
+        torch.manual_seed(self.seed)
+        return FusionNet(imagenet_init=True)
+
+    def head_inputs(self, cases: Cases, network: FusionNet | None = None) -> HeadInputs:
+        """Cached features, encoded metadata and labels of ``cases``, so folds share one cache.
+
+        ``network`` only computes features on a cache miss; a fresh one is built if none is given.
+        """
+        frame = cases.frame
+        features = image_features(
+            network if network is not None else self.fresh_network(),
+            list(frame.image),
+            self.views,
+            self.cache_dir,
+        )
+        metadata = np.stack(
+            [
+                encode_metadata(_known(r.age), _known(r.sex), _known(r.site))
+                for r in frame.itertuples()
+            ]
+        )
+        labels = frame.label.to_numpy().astype(np.float32)
+        return HeadInputs(cases, features, metadata, labels)
+
+    def fit_fresh_head(self, inputs: HeadInputs, is_train: np.ndarray) -> FusionNet:
+        """A new head trained by this recipe on the rows ``is_train`` selects (cross-validation).
+
+        Same initialisation, seed and hyperparameters as ``run``; nothing is written to disk.
+        """
+        network = self.fresh_network()
+        self._fit_head(network, inputs.features, inputs.metadata, inputs.labels, is_train)
+        return network
 
     def _subsample(self, cases: Cases) -> Cases:
         """A small stratified subset (half melanoma) for smoke runs."""

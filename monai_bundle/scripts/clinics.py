@@ -1,0 +1,252 @@
+"""Leave-one-clinic-out: the training recipe judged on a HAM10000 clinic it never saw.
+
+The model will be judged on images from hospitals that are not in ../shared/data. The four
+HAM10000 clinics (the ``dataset`` column) are the nearest stand-in: for each one, a fresh head is
+trained with the recipe of ``configs/train.json`` (same trainer, hyperparameters and seed) on every
+other case, ISIC 2020 included, and scored on the held-out clinic. The recipe picks its threshold
+on its own lesion/patient-disjoint validation split, so that split is kept, drawn from the cases
+outside the clinic. The unweighted mean of the four fusion AUCs is the single proxy number that new
+weights must beat. Writes ``leave_one_clinic_out.json`` and ``leave_one_clinic_out.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.bundle import ConfigParser
+
+from monai_bundle.scripts.data import Cases, load_cases, split_by_group
+from monai_bundle.scripts.evaluation import (
+    auc_with_interval,
+    operating_point,
+    threshold_for_sensitivity,
+)
+from monai_bundle.scripts.metadata import encode_metadata
+from monai_bundle.scripts.training import FrozenBackboneTrainer
+
+log = logging.getLogger(__name__)
+
+HAM_CLINICS = ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias")
+MODES = ("fusion", "image_only")
+RECIPE_FIELDS = (
+    "seed",
+    "val_fraction",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "p_field_drop",
+    "p_all_drop",
+    "sensitivity_target",
+    "views",
+)
+
+
+def clinic_fold(
+    cases: Cases, clinic: str, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_train, is_threshold)`` row masks for holding out ``clinic``.
+
+    The recipe's lesion/patient-disjoint split is drawn on the cases outside the clinic only, so
+    neither the head nor its threshold sees a case from it.
+    """
+    frame = cases.frame
+    outside = (frame.clinic != clinic).to_numpy()
+    inner_val = split_by_group(Cases(frame[outside].reset_index(drop=True)), val_fraction, seed)
+    is_threshold = np.zeros(len(frame), bool)
+    is_threshold[np.flatnonzero(outside)[inner_val]] = True
+    return outside & ~is_threshold, is_threshold
+
+
+def stratified_subset(cases: Cases, max_images: int, seed: int) -> Cases:
+    """At most ``max_images`` cases, equal shares per clinic and label, for smoke runs.
+
+    The trainer's own subsample stratifies by label only, which can leave a small clinic without a
+    melanoma; here every clinic keeps both classes, so every fold has an AUC.
+    """
+    rng = np.random.default_rng(seed)
+    frame = cases.frame
+    strata = sorted(frame.groupby(["clinic", "label"]).groups)
+    per_stratum = max_images // len(strata)
+    if per_stratum < 2:
+        raise ValueError(f"max_images must be at least {2 * len(strata)}, got {max_images}")
+    picked: list[int] = []
+    for clinic, label in strata:
+        rows = frame.index[(frame.clinic == clinic) & (frame.label == label)].to_numpy()
+        picked += rng.choice(rows, min(len(rows), per_stratum), replace=False).tolist()
+    return Cases(frame.loc[sorted(picked)].reset_index(drop=True))
+
+
+class LeaveOneClinicOut:
+    """Runs the leave-one-clinic-out evaluation of the recipe in ``train_config``.
+
+    The trainer is built from ``train_config`` itself (only paths are overridden, plus ``epochs``
+    for smoke runs), so a recipe change is evaluated by the same command. No weights are written.
+    """
+
+    def __init__(
+        self,
+        *,
+        train_config: str,
+        data_root: str,
+        cache_dir: str,
+        output_dir: str,
+        max_images: int | None = None,
+        epochs: int | None = None,
+        n_boot: int = 1000,
+    ) -> None:
+        self.train_config = Path(train_config)
+        self.data_root = data_root
+        self.cache_dir = cache_dir
+        self.output_dir = Path(output_dir)
+        self.max_images = max_images
+        self.epochs = epochs
+        self.n_boot = n_boot
+
+    def trainer(self) -> FrozenBackboneTrainer:
+        """The trainer of ``train_config``, pointed at this run's data and feature cache."""
+        parser = ConfigParser()
+        parser.read_config(str(self.train_config))
+        parser["data_root"] = self.data_root
+        parser["cache_dir"] = self.cache_dir
+        # never used for writing (folds are not saved), but keep it away from the shipped weights
+        parser["output_dir"] = str(self.output_dir)
+        parser["max_images"] = None  # the subset, if any, is drawn here, stratified by clinic
+        if self.epochs is not None:
+            parser["trainer#epochs"] = self.epochs
+        trainer = parser.get_parsed_content("trainer")
+        if not isinstance(trainer, FrozenBackboneTrainer):
+            raise TypeError(f"{self.train_config}: trainer is {type(trainer).__name__}")
+        return trainer
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        trainer = self.trainer()
+        cases = load_cases(self.data_root)
+        if self.max_images is not None:
+            cases = stratified_subset(cases, self.max_images, trainer.seed)
+        inputs = trainer.head_inputs(cases)
+        frame = cases.frame
+        labels = inputs.labels.astype(int)
+        features = inputs.features["identity"]
+        no_metadata = np.stack([encode_metadata(None, None, None)] * len(frame))
+        report: dict[str, Any] = {
+            "description": "leave-one-clinic-out on HAM10000 (dataset column), proxy for an "
+            "unseen hospital; held-out clinic scored on the identity view",
+            "train_config": self.train_config.name,
+            "recipe": {name: getattr(trainer, name) for name in RECIPE_FIELDS},
+            "n_cases": len(frame),
+            "max_images": self.max_images,
+            "clinics": {},
+        }
+        for clinic in HAM_CLINICS:
+            is_train, is_threshold = clinic_fold(cases, clinic, trainer.val_fraction, trainer.seed)
+            held_out = (frame.clinic == clinic).to_numpy()
+            log.info("leave out %s: train on %d cases", clinic, is_train.sum())
+            network = trainer.fit_fresh_head(inputs, is_train)
+            probabilities = {
+                "fusion": trainer._probabilities(network, features, inputs.metadata),
+                "image_only": trainer._probabilities(network, features, no_metadata),
+            }
+            threshold = threshold_for_sensitivity(
+                labels[is_threshold],
+                probabilities["fusion"][is_threshold],
+                trainer.sensitivity_target,
+            )
+            entry: dict[str, Any] = {
+                "n": int(held_out.sum()),
+                "n_melanoma": int(labels[held_out].sum()),
+                "n_train": int(is_train.sum()),
+                "n_threshold": int(is_threshold.sum()),
+                "training_cases_by_clinic": {
+                    str(k): int(v)
+                    for k, v in frame.clinic[is_train].value_counts().sort_index().items()
+                },
+                "threshold": threshold,
+            }
+            for mode in MODES:
+                y, p = labels[held_out], probabilities[mode][held_out]
+                auc = auc_with_interval(y, p, n_boot=self.n_boot, seed=trainer.seed)
+                point = operating_point(y, p, threshold)
+                entry[mode] = {
+                    "auc": auc["auc"],
+                    "auc_low": auc["auc_low"],
+                    "auc_high": auc["auc_high"],
+                    "sensitivity": point["sensitivity"],
+                    "specificity": point["specificity"],
+                    "ppv": point["ppv"],
+                }
+            report["clinics"][clinic] = entry
+        report["pooled"] = {
+            "definition": "unweighted mean over the held-out clinics",
+            **{
+                f"{mode}_{metric}": float(
+                    np.mean([c[mode][metric] for c in report["clinics"].values()])
+                )
+                for mode in MODES
+                for metric in ("auc", "sensitivity", "specificity")
+            },
+        }
+        report["proxy_auc"] = report["pooled"]["fusion_auc"]
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "leave_one_clinic_out.json").write_text(
+            json.dumps(report, indent=2) + "\n"
+        )
+        (self.output_dir / "leave_one_clinic_out.md").write_text(markdown(report))
+        log.info(
+            "leave-one-clinic-out proxy AUC %.4f in %.0f s, written to %s",
+            report["proxy_auc"],
+            time.perf_counter() - started,
+            self.output_dir,
+        )
+        return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a table for humans; the json holds the same numbers unrounded."""
+    recipe = report["recipe"]
+    lines = [
+        "# Leave-one-clinic-out (proxy for another hospital)",
+        "",
+        f"Recipe: `{report['train_config']}` (seed {recipe['seed']}, {recipe['epochs']} epochs, "
+        f"views {', '.join(recipe['views'])}). For each HAM10000 clinic, a fresh head is trained "
+        "on every other case (ISIC 2020 included) and scored on that clinic. Its threshold is the "
+        f"highest reaching {recipe['sensitivity_target']:.0%} sensitivity on the recipe's own "
+        f"{recipe['val_fraction']:.0%} lesion/patient-disjoint validation split of the cases "
+        "outside the clinic, never on the clinic. Image only: same network, metadata withheld. "
+        "AUC with 95% bootstrap interval.",
+        "",
+    ]
+    if report["max_images"] is not None:
+        lines += [f"**Smoke run on {report['n_cases']} cases: not a result.**", ""]
+    lines += [
+        "| held-out clinic | n (melanoma) | trained on | threshold | fusion AUC | image-only AUC "
+        "| fusion sens / spec | image-only sens / spec |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for clinic, c in report["clinics"].items():
+        auc = {
+            m: f"{c[m]['auc']:.3f} ({c[m]['auc_low']:.3f}-{c[m]['auc_high']:.3f})" for m in MODES
+        }
+        point = {m: f"{c[m]['sensitivity']:.3f} / {c[m]['specificity']:.3f}" for m in MODES}
+        lines.append(
+            f"| {clinic} | {c['n']} ({c['n_melanoma']}) | {c['n_train']} | {c['threshold']:.4f} "
+            f"| {auc['fusion']} | {auc['image_only']} | {point['fusion']} | {point['image_only']} |"
+        )
+    pooled = report["pooled"]
+    lines += [
+        f"| **mean of {len(report['clinics'])}** | | | | **{pooled['fusion_auc']:.3f}** "
+        f"| {pooled['image_only_auc']:.3f} "
+        f"| {pooled['fusion_sensitivity']:.3f} / {pooled['fusion_specificity']:.3f} "
+        f"| {pooled['image_only_sensitivity']:.3f} / {pooled['image_only_specificity']:.3f} |",
+        "",
+        f"Proxy AUC (mean fusion AUC over the held-out clinics): **{report['proxy_auc']:.4f}**. "
+        "Weights replace the shipped ones only when their recipe beats this number.",
+        "",
+    ]
+    return "\n".join(lines)

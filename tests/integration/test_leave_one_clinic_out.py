@@ -1,0 +1,93 @@
+"""Leave-one-clinic-out: no fold sees its clinic, and the committed proxy number adds up.
+
+The smoke run computes features for its ~120 images from scratch (CI has no feature cache).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from monai_bundle.scripts.clinics import HAM_CLINICS, clinic_fold, stratified_subset
+from monai_bundle.scripts.data import load_cases
+from plugin.cli import main
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+BUNDLE = REPO_ROOT / "monai_bundle"
+COMMITTED = BUNDLE / "docs" / "evaluation" / "leave_one_clinic_out.json"
+MAX_IMAGES = 120
+
+
+def _train_config() -> dict[str, Any]:
+    return json.loads((BUNDLE / "configs" / "train.json").read_text())
+
+
+def test_committed_proxy_is_the_mean_of_its_clinics_for_the_current_recipe() -> None:
+    report = json.loads(COMMITTED.read_text())
+    assert report["max_images"] is None
+    assert list(report["clinics"]) == list(HAM_CLINICS)
+    for mode in ("fusion", "image_only"):
+        aucs = [c[mode]["auc"] for c in report["clinics"].values()]
+        assert report["pooled"][f"{mode}_auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert report["proxy_auc"] == report["pooled"]["fusion_auc"]
+    # a recipe change in train.json makes the committed numbers stale: rerun the evaluation
+    config = _train_config()
+    for name, value in report["recipe"].items():
+        expected = config["seed"] if name == "seed" else config["trainer"][name]
+        assert value == expected, name
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    assert f"{report['proxy_auc']:.3f}" in card
+    assert "## Leave-one-clinic-out (proxy for another hospital)" in card
+
+
+def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    config = tmp_path / "smoke.toml"
+    config.write_text(f'[storage]\ndir = "{tmp_path / "var"}"\n')
+    out = tmp_path / "loco"
+    args = ["--config", str(config), "evaluate", "--leave-one-clinic-out"]
+    args += ["--data-root", str(shared_data), "--out", str(out)]
+    args += ["--max-images", str(MAX_IMAGES), "--epochs", "2"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "leave_one_clinic_out.json",
+        "leave_one_clinic_out.md",
+    ]
+    report = json.loads((out / "leave_one_clinic_out.json").read_text())
+    assert "Smoke run" in (out / "leave_one_clinic_out.md").read_text()
+    assert report["n_cases"] == MAX_IMAGES
+    assert report["recipe"]["epochs"] == 2
+    assert list(report["clinics"]) == list(HAM_CLINICS)
+
+    seed = _train_config()["seed"]
+    val_fraction = _train_config()["trainer"]["val_fraction"]
+    cases = stratified_subset(load_cases(shared_data), MAX_IMAGES, seed)
+    frame = cases.frame
+    for clinic, entry in report["clinics"].items():
+        trained_on = entry["training_cases_by_clinic"]
+        assert clinic not in trained_on
+        assert trained_on["isic2020"] > 0
+        assert sum(trained_on.values()) == entry["n_train"]
+        assert entry["n_train"] + entry["n_threshold"] + entry["n"] == MAX_IMAGES
+        assert 0 < entry["n_melanoma"] < entry["n"]
+        assert 0 < entry["threshold"] <= 1
+        for mode in ("fusion", "image_only"):
+            m = entry[mode]
+            assert 0 <= m["auc_low"] <= m["auc"] <= m["auc_high"] <= 1
+            assert 0 <= m["sensitivity"] <= 1 and 0 <= m["specificity"] <= 1
+        # the masks themselves: what the run used, recomputed from the same function
+        is_train, is_threshold = clinic_fold(cases, clinic, val_fraction, seed)
+        held_out = (frame.clinic == clinic).to_numpy()
+        assert not (is_train & held_out).any() and not (is_threshold & held_out).any()
+        assert not (is_train & is_threshold).any()
+        assert (is_train | is_threshold | held_out).all()
+        assert int(is_train.sum()) == entry["n_train"]
+        assert not set(frame.group[is_train]) & set(frame.group[is_threshold])
+    pooled = [c["fusion"]["auc"] for c in report["clinics"].values()]
+    assert report["proxy_auc"] == pytest.approx(np.mean(pooled), abs=1e-12)
