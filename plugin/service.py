@@ -39,7 +39,7 @@ from plugin.state import InstanceRow, OutboxItem, SqliteStateStore, StateStore
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-WORKER_POLL_SECONDS = 0.2  # how often the worker looks for ready studies and due deliveries
+WORKER_POLL_SECONDS = 0.2  # how often the threads look for ready studies and due deliveries
 
 
 def _safe_uid(value: str, name: str) -> str:
@@ -237,14 +237,24 @@ class DermfusionService:
             allowed_calling_aes=listener.allowed_calling_aes,
             sink=SpoolSink(storage.dir / "spool", self.store),
         )
-        self._worker = threading.Thread(target=self._work, name="dermfusion-worker", daemon=True)
+        # Scoring and delivery run apart, so a slow or unreachable PACS/FHIR server (connect
+        # timeouts) never delays the scoring of the next study.
+        self._threads = [
+            threading.Thread(
+                target=self._score_ready_studies, name="dermfusion-scoring", daemon=True
+            ),
+            threading.Thread(
+                target=self._deliver_owed_reports, name="dermfusion-delivery", daemon=True
+            ),
+        ]
 
     def start(self) -> None:
         reopened = self.store.close_all_associations(time.time())
         if reopened:
             log.info("recovered %d association(s) left open by the previous run", reopened)
         self.listener.start()
-        self._worker.start()
+        for thread in self._threads:
+            thread.start()
         counts = self.store.outbox_counts()
         log.info(
             "listening as %s on port %d; %d deliveries owed",
@@ -256,8 +266,9 @@ class DermfusionService:
     def stop(self) -> None:
         self._stop.set()
         self.listener.stop()
-        if self._worker.is_alive():
-            self._worker.join(timeout=30)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
         if self.fhir is not None:
             self.fhir.close()
         self.store.close()
@@ -270,7 +281,7 @@ class DermfusionService:
         log.info("stopping")
         self.stop()
 
-    def _work(self) -> None:
+    def _score_ready_studies(self) -> None:
         while not self._stop.is_set():
             now = time.time()
             for study_uid in self.store.ready_studies(now, self.settings.study.stable_seconds):
@@ -279,5 +290,9 @@ class DermfusionService:
                 except Exception:  # noqa: BLE001 - one bad study must not stop the service
                     log.exception("study=%s: processing failed; retrying later", study_uid)
                     self.store.postpone_study(study_uid, now + self.backoff.max_seconds, now)
+            self._stop.wait(WORKER_POLL_SECONDS)
+
+    def _deliver_owed_reports(self) -> None:
+        while not self._stop.is_set():
             self.outbox.deliver_due(time.time())
             self._stop.wait(WORKER_POLL_SECONDS)
