@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,14 @@ def require_tool(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not on PATH: run `make system-deps`")
     return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines dicom3tools' dciodvfy flags as errors (warnings are allowed)."""
+    result = subprocess.run(
+        [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
+    )
+    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from dicom_io.sr import read_reported_finding
 from fhir_io import FhirClient
 from plugin.domain import SiteCode
-from tests.conftest import dermfusion_command, require_tool
+from tests.conftest import dciodvfy_errors, dermfusion_command, require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -171,9 +171,7 @@ def test_bad_file_gets_one_line_and_nonzero_exit_while_the_rest_run(inferred: di
 
 def test_every_sr_passes_dciodvfy(inferred: dict) -> None:  # type: ignore[type-arg]
     for key, (path, _, _) in inferred["srs"].items():
-        run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
-        errors = [line for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
-        assert not errors, f"{key}: {errors}"
+        assert dciodvfy_errors(path) == [], key
 
 
 def test_dsrdump_reads_every_sr(inferred: dict) -> None:  # type: ignore[type-arg]

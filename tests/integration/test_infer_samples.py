@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from dicom_io.sr import read_reported_finding
-from tests.conftest import SAMPLES, dermfusion_command, require_tool
+from tests.conftest import SAMPLES, dciodvfy_errors, dermfusion_command
 
 pytestmark = pytest.mark.integration
 
@@ -84,8 +84,7 @@ def test_sample_srs_pass_dciodvfy_and_match_predict(outputs, tmp_path: Path) -> 
     predicted = pd.read_csv(predicted_csv).set_index("image_name").melanoma_probability
     by_source = {}
     for path in out.glob("*.dcm"):
-        run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True)
-        assert not [x for x in (run.stdout + run.stderr).splitlines() if "Error" in x], path
+        assert dciodvfy_errors(path) == [], path
         finding = read_reported_finding(pydicom.dcmread(path))
         by_source[finding.source_sop_instance_uid] = finding
     dms = pydicom.dcmread(SAMPLES / "dms_jpeg_baseline.dcm", stop_before_pixels=True)

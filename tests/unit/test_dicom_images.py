@@ -5,7 +5,6 @@ passes dciodvfy."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from io import BytesIO
 from pathlib import Path
@@ -34,6 +33,7 @@ from dicom_io.images import (
     read_image,
 )
 from plugin.domain import BODY_PART_SITES, SNOMED_SITES, SiteCode
+from tests.conftest import dciodvfy_errors, require_tool
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data"
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -50,23 +50,9 @@ def pillow_rgb(path: Path | bytes) -> np.ndarray:
     return np.asarray(Image.open(source).convert("RGB"))
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not on PATH (DCMTK / dicom3tools from Debian)")
-    return path
-
-
 def round_trip(tmp_path: Path, source: Path | np.ndarray, **kwargs: object) -> DermoscopyImage:
     ds = dermoscopy_dataset(source, study_date="20250102", **kwargs)  # type: ignore[arg-type]
     return read_image(write_dataset(ds, tmp_path / "image.dcm"))
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run(
-        [tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
-    )
-    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
 
 
 # --- round trips through our own writer ---------------------------------------------------
@@ -338,7 +324,7 @@ def test_committed_img2dcm_vl_photographic_sample() -> None:
 
 
 def img2dcm(source: Path, out: Path, *args: str) -> Path:
-    subprocess.run([tool("img2dcm"), *args, str(source), str(out)], check=True)
+    subprocess.run([require_tool("img2dcm"), *args, str(source), str(out)], check=True)
     return out
 
 
@@ -418,7 +404,7 @@ def test_jpeg_lossless_encoder_is_read_back_by_dcmtk(tmp_path: Path, predictor: 
     )
     src = write_dataset(ds, tmp_path / "lossless.dcm")
     out = tmp_path / "decoded.dcm"
-    subprocess.run([tool("dcmdjpeg"), str(src), str(out)], check=True)
+    subprocess.run([require_tool("dcmdjpeg"), str(src), str(out)], check=True)
     np.testing.assert_array_equal(pydicom.dcmread(out).pixel_array, rgb)
 
 
