@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -120,16 +119,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
             patient_identifier_system=settings.patient_identifier_system,
         )
         reports = pipeline.run(images, [demographics_from_dataset(i.dataset) for i in images])
-        args.out.mkdir(parents=True, exist_ok=True)
         for report in reports:
-            stem = report.sr.SOPInstanceUID
-            report.sr.save_as(args.out / f"{stem}.dcm", enforce_file_format=True)
-            (args.out / f"{stem}.json").write_text(json.dumps(report.bundle, indent=2) + "\n")
-            report.write_saliency_png(args.out / f"{stem}_saliency.png")
+            files = report.write_files(args.out)
             print(
                 f"{report.image.ref.sop_instance_uid}\t{report.finding.probability:.4f}\t"
                 f"{'melanoma suspected' if report.finding.melanoma_suspected else 'negative'}\t"
-                f"{args.out / stem}.dcm"
+                f"{files.sr}"
             )
     return 1 if failed else 0
 

@@ -47,7 +47,9 @@ def merge(
         if _disagree(field, from_dicom, from_fhir):
             log.warning(
                 "demographics conflict: %s differs between DICOM and FHIR for sop=%s; using %s",
-                field, instance, policy.value,
+                field,
+                instance,
+                policy.value,
             )
             chosen[field] = from_fhir if policy is ConflictPolicy.FHIR else from_dicom
         else:

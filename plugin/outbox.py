@@ -72,7 +72,10 @@ class Outbox:
                 self.store.retry_later(item.key, str(error), now + delay)
                 log.warning(
                     "outbox: %s to %s failed (attempt %d), retry in %.0f s: %s",
-                    item.key, item.destination, item.attempts + 1, delay,
+                    item.key,
+                    item.destination,
+                    item.attempts + 1,
+                    delay,
                     str(error).splitlines()[0] if str(error) else type(error).__name__,
                 )
                 continue

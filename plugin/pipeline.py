@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -10,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from highdicom.sr import Comprehensive3DSR
 
 from dicom_io.images import DermoscopyImage
+from dicom_io.spool import write_bytes_durably
 from dicom_io.sr import MeasurementReportWriter
 from fhir_io import report_bundle
 from monai_bundle.scripts.lesion import measure_lesion
@@ -32,8 +36,28 @@ class ImageReport:
     bundle: dict[str, Any]
     saliency: np.ndarray  # 224x224 in [0, 1], the network's view of the image
 
-    def write_saliency_png(self, path: Path) -> None:
-        overlay_png(self.image.rgb, self.saliency, path)
+    def write_files(self, folder: Path) -> ReportFiles:
+        """SR, Bundle and saliency overlay as ``<SR UID>.dcm/.json/_saliency.png``, fsync'd."""
+        folder.mkdir(parents=True, exist_ok=True)
+        uid = self.sr.SOPInstanceUID
+        files = ReportFiles(
+            sr=folder / f"{uid}.dcm",
+            bundle=folder / f"{uid}.json",
+            saliency=folder / f"{uid}_saliency.png",
+        )
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, self.sr, enforce_file_format=True)
+        write_bytes_durably(buffer.getvalue(), files.sr)
+        write_bytes_durably((json.dumps(self.bundle, indent=2) + "\n").encode(), files.bundle)
+        overlay_png(self.image.rgb, self.saliency, files.saliency)
+        return files
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    sr: Path
+    bundle: Path
+    saliency: Path
 
 
 def pixel_spacing_mm(image: DermoscopyImage) -> tuple[float, float] | None:

@@ -7,8 +7,6 @@ store. A worker thread scores studies that are complete (association released, q
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import re
 import signal
@@ -19,8 +17,6 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
-
-import pydicom
 
 from dicom_io.demographics import demographics_from_dataset
 from dicom_io.images import DermoscopyImage, UnsupportedInstanceError, read_image
@@ -173,20 +169,12 @@ class StudyProcessor:
 
     def _stage(self, report: ImageReport) -> list[OutboxItem]:
         """Write both reports to the outbox folder; owe them to the configured destinations."""
-        self.outbox_dir.mkdir(parents=True, exist_ok=True)
-        uid = report.sr.SOPInstanceUID
-        buffer = io.BytesIO()
-        pydicom.dcmwrite(buffer, report.sr, enforce_file_format=True)
-        sr_path = self.outbox_dir / f"{uid}.dcm"
-        bundle_path = self.outbox_dir / f"{uid}.json"
-        write_bytes_durably(buffer.getvalue(), sr_path)
-        write_bytes_durably((json.dumps(report.bundle, indent=2) + "\n").encode(), bundle_path)
-        report.write_saliency_png(self.outbox_dir / f"{uid}_saliency.png")  # kept locally
+        files = report.write_files(self.outbox_dir)  # the saliency PNG stays local
         owed = []
         if PACS in self.destinations:
-            owed.append(OutboxItem(f"sr:{report.sr.SOPInstanceUID}", PACS, sr_path, 0))
+            owed.append(OutboxItem(f"sr:{report.sr.SOPInstanceUID}", PACS, files.sr, 0))
         if FHIR in self.destinations:
-            owed.append(OutboxItem(f"fhir:{report.sr.SOPInstanceUID}", FHIR, bundle_path, 0))
+            owed.append(OutboxItem(f"fhir:{report.sr.SOPInstanceUID}", FHIR, files.bundle, 0))
         return owed
 
 

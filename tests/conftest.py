@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,28 @@ def fhir_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def _tcp_nodelay(monkeypatch: pytest.MonkeyPatch) -> None:
     """DCMTK tools leave Nagle on unless told otherwise (~50 ms per C-STORE on loopback)."""
     monkeypatch.setenv("TCP_NODELAY", "1")
+
+
+def predicted_probabilities(images: Path, metadata: Path, out: Path) -> dict[str, float]:
+    """`dermfusion predict` as a user runs it, read back as image name -> probability."""
+    subprocess.run(
+        [
+            *dermfusion_command(),
+            "predict",
+            "--images",
+            str(images),
+            "--metadata",
+            str(metadata),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with out.open() as handle:
+        return {
+            row["image_name"]: float(row["melanoma_probability"]) for row in csv.DictReader(handle)
+        }
 
 
 def dermfusion_command() -> list[str]:

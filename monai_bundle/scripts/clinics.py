@@ -26,7 +26,7 @@ from monai_bundle.scripts.evaluation import (
     operating_point,
     threshold_for_sensitivity,
 )
-from monai_bundle.scripts.metadata import encode_metadata
+from monai_bundle.scripts.metadata import encode_missing
 from monai_bundle.scripts.training import FrozenBackboneTrainer
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class LeaveOneClinicOut:
         frame = cases.frame
         labels = inputs.labels.astype(int)
         features = inputs.features["identity"]
-        no_metadata = np.stack([encode_metadata(None, None, None)] * len(frame))
+        no_metadata = encode_missing(len(frame))
         report: dict[str, Any] = {
             "description": "leave-one-clinic-out on HAM10000 (dataset column), proxy for an "
             "unseen hospital; held-out clinic scored on the identity view",

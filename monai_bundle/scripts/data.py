@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from monai_bundle.scripts.metadata import encode_metadata
 from plugin.domain import site_from_name
 
 ISIC_PREVALENCE = 540 / 29559  # melanoma share of the full ISIC 2020 table
@@ -70,6 +71,21 @@ def load_cases(data_root: str | Path) -> Cases:
         )
     frame = pd.DataFrame(rows).sort_values("image_name", kind="stable").reset_index(drop=True)
     return Cases(frame)
+
+
+def _known(value: object) -> object:
+    """pandas stores a missing value as NaN; the encoder wants None."""
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def encode_frame(frame: pd.DataFrame) -> np.ndarray:
+    """The model's metadata vectors for rows with ``age``, ``sex`` and ``site`` columns."""
+    return np.stack(
+        [
+            encode_metadata(_known(r.age), _known(r.sex), _known(r.site))  # type: ignore[arg-type]
+            for r in frame.itertuples()
+        ]
+    )
 
 
 def split_by_group(cases: Cases, val_fraction: float, seed: int) -> np.ndarray:

@@ -57,6 +57,11 @@ def encode_metadata(age: float | None, sex: str | None, site: str | None) -> np.
     return vector
 
 
+def encode_missing(rows: int) -> np.ndarray:
+    """``rows`` encodings with every field missing: the image-only input."""
+    return np.tile(encode_metadata(None, None, None), (rows, 1))
+
+
 # Slices of the encoded vector that belong to each field (value slots and missing indicator).
 FIELD_SLOTS: dict[str, tuple[slice, int]] = {
     "age": (slice(0, 1), 1),

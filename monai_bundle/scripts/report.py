@@ -22,7 +22,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from monai_bundle.scripts.data import isic_weights, load_cases, split_by_group
+from monai_bundle.scripts.data import encode_frame, isic_weights, load_cases, split_by_group
 from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     expected_calibration_error,
@@ -30,23 +30,13 @@ from monai_bundle.scripts.evaluation import (
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.features import image_features
-from monai_bundle.scripts.metadata import FIELD_SLOTS, encode_metadata
+from monai_bundle.scripts.metadata import FIELD_SLOTS, encode_missing
 from monai_bundle.scripts.network import FusionNet
 from plugin.domain import site_from_name
 
 log = logging.getLogger(__name__)
 AGE_BANDS = ((0, 30, "<30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, "70+"))
 MODES = ("fusion", "image_only", "metadata_only")
-
-
-def _known(value: Any) -> Any:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
-
-
-def _encode(frame: pd.DataFrame) -> np.ndarray:
-    return np.stack(
-        [encode_metadata(_known(r.age), _known(r.sex), _known(r.site)) for r in frame.itertuples()]
-    )
 
 
 def _classification(
@@ -167,13 +157,13 @@ class EvaluationReport:
         features = torch.from_numpy(
             image_features(network, list(val.image), ["identity"], self.cache_dir)["identity"]
         )
-        return network, features, torch.from_numpy(_encode(val))
+        return network, features, torch.from_numpy(encode_frame(val))
 
     @torch.inference_mode()
     def _network_probabilities(
         self, network: FusionNet, features: torch.Tensor, encoded: torch.Tensor
     ) -> dict[str, np.ndarray]:
-        without = torch.from_numpy(np.stack([encode_metadata(None, None, None)] * len(encoded)))
+        without = torch.from_numpy(encode_missing(len(encoded)))
         return {
             "fusion": torch.sigmoid(network.head(features, encoded)).squeeze(1).numpy(),
             "image_only": torch.sigmoid(network.head(features, without)).squeeze(1).numpy(),
@@ -225,8 +215,8 @@ class EvaluationReport:
         ham = train[train.source == "ham10000"][["age", "sex", "site", "label"]]
         rows = pd.concat([isic, ham], ignore_index=True)
         model = LogisticRegression(max_iter=2000, C=1.0)
-        model.fit(_encode(rows), rows.label.to_numpy())
-        return model.predict_proba(_encode(val))[:, 1]
+        model.fit(encode_frame(rows), rows.label.to_numpy())
+        return model.predict_proba(encode_frame(val))[:, 1]
 
     def _confusion(
         self,

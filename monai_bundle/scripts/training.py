@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from monai_bundle.scripts.data import Cases, isic_weights, load_cases, split_by_group
+from monai_bundle.scripts.data import Cases, encode_frame, isic_weights, load_cases, split_by_group
 from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     expected_calibration_error,
@@ -25,15 +25,10 @@ from monai_bundle.scripts.evaluation import (
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.features import VIEWS, image_features
-from monai_bundle.scripts.metadata import drop_fields, encode_metadata
+from monai_bundle.scripts.metadata import drop_fields, encode_missing
 from monai_bundle.scripts.network import FusionNet
 
 log = logging.getLogger(__name__)
-
-
-def _known(value: Any) -> Any:
-    """pandas stores a missing value as NaN; the encoder wants None."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 @dataclass(frozen=True)
@@ -129,12 +124,7 @@ class FrozenBackboneTrainer:
             self.views,
             self.cache_dir,
         )
-        metadata = np.stack(
-            [
-                encode_metadata(_known(r.age), _known(r.sex), _known(r.site))
-                for r in frame.itertuples()
-            ]
-        )
+        metadata = encode_frame(frame)
         labels = frame.label.to_numpy().astype(np.float32)
         return HeadInputs(cases, features, metadata, labels)
 
@@ -211,7 +201,7 @@ class FrozenBackboneTrainer:
         frame: Any,
         is_val: np.ndarray,
     ) -> dict[str, Any]:
-        no_metadata = np.stack([encode_metadata(None, None, None)] * len(frame))
+        no_metadata = encode_missing(len(frame))
         labels = frame.label.to_numpy()
         with_meta = self._probabilities(network, features, metadata)
         image_only = self._probabilities(network, features, no_metadata)

@@ -19,7 +19,12 @@ from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from dicom_io.sr import read_reported_finding
 from fhir_io import FhirClient
 from plugin.domain import SiteCode
-from tests.conftest import dciodvfy_errors, dermfusion_command, require_tool
+from tests.conftest import (
+    dciodvfy_errors,
+    dermfusion_command,
+    predicted_probabilities,
+    require_tool,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -125,22 +130,7 @@ def inferred(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
             shutil.copy(images[key], jpeg_dir / f"{key}.jpg")
             writer.writerow([key, sex, age, site])
     predicted_csv = work / "predicted.csv"
-    subprocess.run(
-        [
-            *dermfusion_command(),
-            "predict",
-            "--images",
-            str(jpeg_dir),
-            "--metadata",
-            str(work / "metadata.csv"),
-            "--out",
-            str(predicted_csv),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    predicted = pd.read_csv(predicted_csv).set_index("image_name").melanoma_probability
+    predicted = predicted_probabilities(jpeg_dir, work / "metadata.csv", predicted_csv)
     srs = {}
     for path in sorted(out_dir.glob("*.dcm")):
         sr = pydicom.dcmread(path)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pandas as pd
 import pydicom
 import pytest
 
 from dicom_io.sr import read_reported_finding
-from tests.conftest import SAMPLES, dciodvfy_errors, dermfusion_command
+from tests.conftest import SAMPLES, dciodvfy_errors, dermfusion_command, predicted_probabilities
 
 pytestmark = pytest.mark.integration
 
@@ -67,21 +66,7 @@ def test_bad_inputs_get_one_line_each_and_the_good_ones_are_scored(outputs) -> N
 def test_sample_srs_pass_dciodvfy_and_match_predict(outputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, out = outputs
     predicted_csv = tmp_path / "p.csv"
-    subprocess.run(
-        [
-            *dermfusion_command(),
-            "predict",
-            "--images",
-            str(SAMPLES),
-            "--metadata",
-            str(SAMPLES / "samples.csv"),
-            "--out",
-            str(predicted_csv),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    predicted = pd.read_csv(predicted_csv).set_index("image_name").melanoma_probability
+    predicted = predicted_probabilities(SAMPLES, SAMPLES / "samples.csv", predicted_csv)
     by_source = {}
     for path in out.glob("*.dcm"):
         assert dciodvfy_errors(path) == [], path

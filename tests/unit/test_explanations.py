@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
@@ -50,8 +51,9 @@ def test_pipeline_reports_lesion_size_in_mm_when_the_image_has_a_pixel_spacing(
     assert back.lesion_area_fraction == pytest.approx(lesion.area_fraction, abs=1e-6)
     assert back.lesion_area_mm2 == pytest.approx(lesion.area_mm2, abs=1e-3)
     assert report.saliency.shape == (224, 224)
-    report.write_saliency_png(tmp_path / "s.png")
-    with Image.open(tmp_path / "s.png") as png:
+    files = report.write_files(tmp_path)
+    assert read_reported_finding(pydicom.dcmread(files.sr)) == back
+    with Image.open(files.saliency) as png:
         assert png.size == (224, 224) and png.mode == "RGB"
 
 
