@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 
 from monai_bundle.scripts.metadata import FIELD_SLOTS, METADATA_WIDTH, encode_metadata
+from monai_bundle.scripts.network import load_bundle_network
 from monai_bundle.scripts.saliency import saliency_map
 from monai_bundle.scripts.transforms import IMAGE_SIZE, preprocess_rgb
 from plugin.domain import Demographics, Finding, ModelIdentity
@@ -37,13 +37,8 @@ class FusionModel:
             raise ModelLoadError(f"{weights}: no weights (run `dermfusion train`)")
         meta = json.loads((configs / "metadata.json").read_text())
         _check_data_format(meta)
-        parser = ConfigParser()
-        parser.read_config(configs / "inference.json")
-        parser["bundle_root"] = str(bundle_dir)
-        network = parser.get_parsed_content("network_def")
-        network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        network.eval().to(memory_format=torch.channels_last)
-        operating_point = parser.get_parsed_content("operating_point")
+        network = load_bundle_network(bundle_dir).to(memory_format=torch.channels_last)
+        operating_point = json.loads((bundle_dir / "models" / "operating_point.json").read_text())
         return cls(
             network=network,
             identity=ModelIdentity(name=meta["name"], version=meta["version"]),
@@ -56,15 +51,17 @@ class FusionModel:
     ) -> list[Finding]:
         """One Finding per (RGB image, demographics) pair, scored in one batch.
 
-        The image branch runs once; the head runs again per known field with that field
-        withheld, which gives each field's attribution at the cost of a few tiny matmuls.
+        The image branch runs once per test-time view; the head runs again per known field with
+        that field withheld, which gives each field's attribution at the cost of a few matmuls.
         """
         if len(images) != len(demographics):
             raise ValueError(f"{len(images)} images but {len(demographics)} demographics")
         if not images:
             return []
         batch = torch.stack([preprocess_rgb(rgb) for rgb in images])
-        features = self.network.image_features(batch.contiguous(memory_format=torch.channels_last))
+        features = self.network.scoring_features(
+            batch.contiguous(memory_format=torch.channels_last)
+        )
         metadata = torch.from_numpy(np.stack([_encode(d) for d in demographics]))
         probabilities = self._head(features, metadata)
         withheld = {}

@@ -44,6 +44,7 @@ RECIPE_FIELDS = (
     "p_all_drop",
     "sensitivity_target",
     "views",
+    "network_options",
 )
 
 
@@ -133,11 +134,11 @@ class LeaveOneClinicOut:
         inputs = trainer.head_inputs(cases)
         frame = cases.frame
         labels = inputs.labels.astype(int)
-        features = inputs.features["identity"]
+        features = trainer.scoring_features(inputs)
         no_metadata = encode_missing(len(frame))
         report: dict[str, Any] = {
             "description": "leave-one-clinic-out on HAM10000 (dataset column), proxy for an "
-            "unseen hospital; held-out clinic scored on the identity view",
+            "unseen hospital; held-out clinic scored on the recipe's test-time views",
             "train_config": self.train_config.name,
             "recipe": {name: getattr(trainer, name) for name in RECIPE_FIELDS},
             "n_cases": len(frame),
@@ -220,6 +221,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{recipe['val_fraction']:.0%} lesion/patient-disjoint validation split of the cases "
         "outside the clinic, never on the clinic. Image only: same network, metadata withheld. "
         "AUC with 95% bootstrap interval.",
+        "",
+        f"Network options: `{json.dumps(recipe.get('network_options', {}), sort_keys=True)}`.",
         "",
     ]
     if report["max_images"] is not None:

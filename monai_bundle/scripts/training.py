@@ -1,6 +1,9 @@
-"""Training of the first FusionNet: frozen ImageNet backbone, fusion head on cached features.
+"""Training of FusionNet: frozen ImageNet backbone, fusion head on cached features.
 
 Run through the bundle (``configs/train.json``) or ``dermfusion train``; same seed, same weights.
+The recipe: cached multi-view features (colour constancy and block taps as the network options
+say), the ISIC 2020 table's metadata prior, metadata dropout, then a Platt calibration fitted on
+validation at the real ISIC 2020 prevalence.
 """
 
 from __future__ import annotations
@@ -14,21 +17,29 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 from tqdm import tqdm
 
 from monai_bundle.scripts.data import Cases, encode_frame, isic_weights, load_cases, split_by_group
 from monai_bundle.scripts.evaluation import (
+    auc_difference_with_interval,
     auc_with_interval,
     expected_calibration_error,
     operating_point,
     threshold_for_sensitivity,
 )
-from monai_bundle.scripts.features import VIEWS, image_features
+from monai_bundle.scripts.features import image_features
 from monai_bundle.scripts.metadata import drop_fields, encode_missing
-from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.network import VIEWS, FusionNet
+from monai_bundle.scripts.priors import fit_metadata_prior, isic_table
 
 log = logging.getLogger(__name__)
+
+# Whose validation cases the Platt calibration is fitted on. ISIC 2020 rows are always reweighted
+# to the table's 2% prevalence; "all" adds the HAM10000 rows (about 8% melanoma) at weight 1.
+CALIBRATION_POPULATIONS = ("isic2020", "all")
+CALIBRATION_FOLDS = 2
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,7 @@ class HeadInputs:
     features: dict[str, np.ndarray]
     metadata: np.ndarray
     labels: np.ndarray
+    prior_weight: np.ndarray | None
 
 
 class FrozenBackboneTrainer:
@@ -65,6 +77,8 @@ class FrozenBackboneTrainer:
         sensitivity_target: float = 0.95,
         max_images: int | None = None,
         views: list[str] | None = None,
+        network: dict[str, Any] | None = None,
+        calibrate_on: str | None = None,
     ) -> None:
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -84,6 +98,16 @@ class FrozenBackboneTrainer:
         self.sensitivity_target = sensitivity_target
         self.max_images = max_images
         self.views = list(views or VIEWS)
+        self.network_options = dict(network or {})
+        test_views = self.network_options.get("test_time_views", ["identity"])
+        if not set(test_views) <= set(self.views):
+            raise ValueError(f"test_time_views {test_views} must be among the views {self.views}")
+        self.test_time_views = list(test_views)
+        if calibrate_on not in (None, *CALIBRATION_POPULATIONS):
+            raise ValueError(f"calibrate_on must be one of {CALIBRATION_POPULATIONS} or null")
+        if calibrate_on and not self.network_options.get("calibrated"):
+            raise ValueError("calibrate_on needs a network built with calibrated=True")
+        self.calibrate_on = calibrate_on
 
     def run(self) -> dict[str, Any]:
         torch.manual_seed(self.seed)
@@ -92,9 +116,9 @@ class FrozenBackboneTrainer:
             cases = self._subsample(cases)
         frame = cases.frame
         is_val = split_by_group(cases, self.val_fraction, self.seed)
-        network = FusionNet(imagenet_init=True)
+        network = self.fresh_network()
         inputs = self.head_inputs(cases, network)
-        features, metadata, labels = inputs.features, inputs.metadata, inputs.labels
+        labels = inputs.labels
         log.info(
             "training on %d images (%d melanoma), validating on %d (%d melanoma)",
             (~is_val).sum(),
@@ -102,15 +126,20 @@ class FrozenBackboneTrainer:
             is_val.sum(),
             labels[is_val].sum(),
         )
-        self._fit_head(network, features, metadata, labels, ~is_val)
-        report = self._validate(network, features["identity"], metadata, frame, is_val)
+        self._fit_head(network, inputs, ~is_val)
+        scoring = self.scoring_features(inputs)
+        calibration = self._calibrate(network, scoring, inputs.metadata, frame, is_val)
+        report = self._validate(network, scoring, inputs.metadata, frame, is_val)
+        report["image_only_model"] = self._image_only_ablation(inputs, scoring, network, is_val)
+        if calibration is not None:
+            report["calibration"] = calibration
         self._save(network, report)
         return report
 
     def fresh_network(self) -> FusionNet:
         """An untrained head on the ImageNet backbone, initialised exactly as ``run`` does."""
         torch.manual_seed(self.seed)
-        return FusionNet(imagenet_init=True)
+        return FusionNet(imagenet_init=True, **self.network_options)
 
     def head_inputs(self, cases: Cases, network: FusionNet | None = None) -> HeadInputs:
         """Cached features, encoded metadata and labels of ``cases``, so folds share one cache.
@@ -126,7 +155,17 @@ class FrozenBackboneTrainer:
         )
         metadata = encode_frame(frame)
         labels = frame.label.to_numpy().astype(np.float32)
-        return HeadInputs(cases, features, metadata, labels)
+        prior = None
+        if self.network_options.get("metadata_prior"):
+            # never learn the prior from a patient whose images validate this recipe
+            is_val = split_by_group(cases, self.val_fraction, self.seed)
+            held_out = {g.split(":", 1)[1] for g in frame.group[is_val] if g.startswith("isic:")}
+            prior = fit_metadata_prior(isic_table(self.data_root, held_out), self.seed)
+        return HeadInputs(cases, features, metadata, labels, prior)
+
+    def scoring_features(self, inputs: HeadInputs) -> np.ndarray:
+        """The cached features as scoring sees them: averaged over the test-time views."""
+        return np.mean([inputs.features[v] for v in self.test_time_views], axis=0)
 
     def fit_fresh_head(self, inputs: HeadInputs, is_train: np.ndarray) -> FusionNet:
         """A new head trained by this recipe on the rows ``is_train`` selects (cross-validation).
@@ -134,7 +173,7 @@ class FrozenBackboneTrainer:
         Same initialisation, seed and hyperparameters as ``run``; nothing is written to disk.
         """
         network = self.fresh_network()
-        self._fit_head(network, inputs.features, inputs.metadata, inputs.labels, is_train)
+        self._fit_head(network, inputs, is_train)
         return network
 
     def _subsample(self, cases: Cases) -> Cases:
@@ -147,14 +186,10 @@ class FrozenBackboneTrainer:
             picked += rng.choice(rows, min(len(rows), self.max_images // 2), replace=False).tolist()
         return Cases(frame.loc[sorted(picked)].reset_index(drop=True))
 
-    def _fit_head(
-        self,
-        network: FusionNet,
-        features: dict[str, np.ndarray],
-        metadata: np.ndarray,
-        labels: np.ndarray,
-        is_train: np.ndarray,
-    ) -> None:
+    def _fit_head(self, network: FusionNet, inputs: HeadInputs, is_train: np.ndarray) -> None:
+        features, metadata, labels = inputs.features, inputs.metadata, inputs.labels
+        if inputs.prior_weight is not None:
+            network.set_metadata_prior(inputs.prior_weight)
         x = torch.from_numpy(np.concatenate([features[v][is_train] for v in self.views]))
         m = torch.from_numpy(np.concatenate([metadata[is_train]] * len(self.views)))
         y = torch.from_numpy(np.concatenate([labels[is_train]] * len(self.views)))
@@ -187,11 +222,79 @@ class FrozenBackboneTrainer:
         network.eval()
 
     @torch.inference_mode()
+    def _logits(self, network: FusionNet, features: np.ndarray, metadata: np.ndarray) -> np.ndarray:
+        return network.head(torch.from_numpy(features), torch.from_numpy(metadata)).numpy()[:, 0]
+
+    def _calibrate(
+        self,
+        network: FusionNet,
+        features: np.ndarray,
+        metadata: np.ndarray,
+        frame: Any,
+        is_val: np.ndarray,
+    ) -> dict[str, Any] | None:
+        """Fit the network's Platt scale/shift on validation logits, and measure it honestly.
+
+        Both input kinds are fitted together (with metadata, and all fields withheld), since the
+        service sees both. The ECE reported is cross-fitted: each half of the validation groups
+        is calibrated by a fit on the other half, so no case grades its own calibration.
+        """
+        if self.calibrate_on is None:
+            return None
+        population = is_val.copy()
+        if self.calibrate_on == "isic2020":
+            population &= (frame.source == "isic2020").to_numpy()
+        rows = np.flatnonzero(population)
+        logits = np.concatenate(
+            [
+                self._logits(network, features[rows], metadata[rows]),
+                self._logits(network, features[rows], encode_missing(len(rows))),
+            ]
+        )
+        labels = np.tile(frame.label.to_numpy()[rows], 2)
+        weights = np.tile(isic_weights(frame)[rows], 2)
+        groups = np.tile(frame.group.to_numpy()[rows], 2)
+        rng = np.random.default_rng(self.seed)
+        unique = np.array(sorted(set(groups)))
+        fold_of = dict(zip(unique, rng.permutation(len(unique)) % CALIBRATION_FOLDS, strict=True))
+        fold = np.array([fold_of[g] for g in groups])
+        if any(len(set(labels[fold != k])) < 2 for k in range(CALIBRATION_FOLDS)):
+            # a smoke run's few validation cases: a logistic fit needs both classes
+            log.warning("calibration skipped: too few %s validation cases", self.calibrate_on)
+            return {"population": self.calibrate_on, "skipped": "too few validation cases"}
+        scale, shift = _platt(logits, labels, weights)
+        crossed = np.empty(len(logits))
+        for k in range(CALIBRATION_FOLDS):
+            a, b = _platt(logits[fold != k], labels[fold != k], weights[fold != k])
+            crossed[fold == k] = _sigmoid(a * logits[fold == k] + b)
+        half = len(rows)
+        sources = np.tile(frame.source.to_numpy()[rows], 2)
+        cross_fitted: dict[str, dict[str, float]] = {}
+        for source in sorted(set(sources)):
+            entry = {}
+            parts = (("with_metadata", slice(0, half)), ("no_metadata", slice(half, None)))
+            for mode, part in parts:
+                m = sources[part] == source
+                entry[mode] = expected_calibration_error(
+                    labels[part][m], crossed[part][m], weights[part][m]
+                )
+            cross_fitted[str(source)] = entry
+        network.set_calibration(scale, shift)
+        log.info("calibration on %s: scale %.4f shift %.4f", self.calibrate_on, scale, shift)
+        return {
+            "method": "Platt scaling of the fusion logit",
+            "population": self.calibrate_on,
+            "isic2020_prevalence": "reweighted to the ISIC 2020 table's 540/29559",
+            "scale": scale,
+            "shift": shift,
+            "cross_fitted_ece": cross_fitted,
+        }
+
+    @torch.inference_mode()
     def _probabilities(
         self, network: FusionNet, features: np.ndarray, metadata: np.ndarray
     ) -> np.ndarray:
-        logits = network.head(torch.from_numpy(features), torch.from_numpy(metadata))
-        return torch.sigmoid(logits).squeeze(1).numpy()
+        return _sigmoid(self._logits(network, features, metadata))
 
     def _validate(
         self,
@@ -237,6 +340,46 @@ class FrozenBackboneTrainer:
         log.info("validation: %s", json.dumps(report["subsets"], indent=1))
         return report
 
+    def _image_only_ablation(
+        self, inputs: HeadInputs, scoring: np.ndarray, fusion: FusionNet, is_val: np.ndarray
+    ) -> dict[str, Any]:
+        """A head trained by the same recipe with every field always missing, against fusion.
+
+        Withholding metadata from the fusion model is not the same as a model that never had
+        any: this one answers "does fusion beat image only" and "is fusion with nothing known
+        worse than image only", paired on the same validation images.
+        """
+        blind = HeadInputs(
+            inputs.cases, inputs.features, encode_missing(len(inputs.labels)), inputs.labels, None
+        )
+        reference = self.fresh_network()
+        self._fit_head(reference, blind, ~is_val)
+        frame = inputs.cases.frame
+        labels = frame.label.to_numpy()
+        none = encode_missing(len(frame))
+        scores = {
+            "image_only_model": self._logits(reference, scoring, none),
+            "fusion": self._logits(fusion, scoring, inputs.metadata),
+            "fusion_no_metadata": self._logits(fusion, scoring, none),
+        }
+        out: dict[str, Any] = {}
+        for name, source in (("ham10000", "ham10000"), ("isic2020", "isic2020"), ("all", None)):
+            mask = is_val if source is None else is_val & (frame.source == source).to_numpy()
+            if labels[mask].min() == labels[mask].max():
+                continue
+            y = labels[mask]
+            ref = scores["image_only_model"][mask]
+            out[name] = {
+                "image_only_model": auc_with_interval(y, ref, seed=self.seed),
+                "fusion_minus_image_only_model": auc_difference_with_interval(
+                    y, scores["fusion"][mask], ref, seed=self.seed
+                ),
+                "fusion_no_metadata_minus_image_only_model": auc_difference_with_interval(
+                    y, scores["fusion_no_metadata"][mask], ref, seed=self.seed
+                ),
+            }
+        return out
+
     def _save(self, network: FusionNet, report: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(network.state_dict(), self.output_dir / "model.pt")
@@ -254,3 +397,14 @@ class FrozenBackboneTrainer:
             "wrote model.pt, operating_point.json and validation_metrics.json to %s",
             self.output_dir,
         )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _platt(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """Scale and shift of a weighted, (practically) unregularised logistic fit on one logit."""
+    model = LogisticRegression(C=1e6, max_iter=1000)
+    model.fit(logits.reshape(-1, 1), labels, sample_weight=weights)
+    return float(model.coef_[0, 0]), float(model.intercept_[0])

@@ -52,3 +52,13 @@ def test_model_card_quotes_the_committed_validation_metrics() -> None:
     auc = metrics["subsets"]["all"]["with_metadata"]["auc"]
     assert f"{auc:.3f}" in card
     assert "dermfusion train" in card
+
+
+def test_inference_builds_the_network_that_training_trains() -> None:
+    """The two configs each spell out FusionNet's options (MONAI bundles keep configs
+    self-contained); weights trained with one set and loaded into another would be wrong."""
+    inference = json.loads((BUNDLE / "configs" / "inference.json").read_text())["network_def"]
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    assert inference.pop("_target_") == "monai_bundle.scripts.network.FusionNet"
+    assert train["trainer"]["network"] == "@network_options"
+    assert inference == train["network_options"]

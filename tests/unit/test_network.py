@@ -1,0 +1,160 @@
+"""FusionNet's optional parts: colour constancy, block taps, test-time views, prior, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from monai_bundle.scripts.metadata import METADATA_WIDTH, encode_metadata, encode_missing
+from monai_bundle.scripts.network import VIEWS, FieldOfView, FusionNet, ShadesOfGray
+from monai_bundle.scripts.transforms import (
+    IMAGE_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_rgb,
+    preprocess_rgb,
+)
+from tests.conftest import REPO_ROOT
+
+
+def _normalised(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 floats in [0, 1] as a 1x3xHxW ImageNet-normalised tensor."""
+    array = (rgb.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(array.transpose(2, 0, 1)).unsqueeze(0)
+
+
+def _rgb(image: torch.Tensor) -> np.ndarray:
+    return image[0].numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+
+
+def test_shades_of_gray_removes_a_colour_cast_and_keeps_neutral_images() -> None:
+    rng = np.random.default_rng(0)
+    scene = rng.uniform(0.2, 0.6, (32, 32, 1)).repeat(3, axis=2)  # grey-world scene
+    tinted = scene * np.array([1.0, 0.8, 0.6])  # yellowish light, as from an old dermatoscope
+    corrected = _rgb(ShadesOfGray()(_normalised(tinted)))
+    # every pixel is grey again: the channels agree far better than before correction
+    assert np.abs(tinted[..., 0] - tinted[..., 2]).mean() > 0.1
+    assert np.abs(corrected[..., 0] - corrected[..., 2]).max() < 1e-4
+    neutral = _rgb(ShadesOfGray()(_normalised(scene)))
+    np.testing.assert_allclose(neutral, scene, atol=1e-5)
+
+
+def test_shades_of_gray_survives_a_black_image() -> None:
+    out = ShadesOfGray()(_normalised(np.zeros((8, 8, 3))))
+    assert torch.isfinite(out).all()
+
+
+def test_taps_append_pooled_block_outputs_after_the_head_features() -> None:
+    torch.manual_seed(0)
+    plain = FusionNet().eval()
+    tapped = FusionNet(feature_taps=(10, 15)).eval()
+    tapped.backbone.load_state_dict(plain.backbone.state_dict())
+    image = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        head = plain.backbone(image)  # the library's own forward: conv head, pool, flatten
+        features = tapped.image_features(image)
+    assert tapped.image_feature_width == 1280 + 112 + 320 == features.shape[1]
+    torch.testing.assert_close(features[:, :1280], head)
+    with torch.no_grad():
+        assert tapped(image, torch.from_numpy(encode_missing(2))).shape == (2, 1)
+
+
+def test_invalid_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="feature_taps"):
+        FusionNet(feature_taps=(16,))
+    with pytest.raises(ValueError, match="test_time_views"):
+        FusionNet(test_time_views=("upside-down",))
+    with pytest.raises(ValueError, match="backbone"):
+        FusionNet(backbone="resnet50")
+    with pytest.raises(ValueError, match="metadata_prior"):
+        FusionNet().set_metadata_prior(np.zeros(METADATA_WIDTH))
+
+
+def test_scoring_features_average_the_test_time_views() -> None:
+    network = FusionNet(imagenet_init=True, test_time_views=tuple(VIEWS)).eval()
+    sample = sorted((REPO_ROOT / "tests" / "data").glob("*.jpg"))[0]
+    image = preprocess_rgb(load_rgb(sample)).unsqueeze(0)
+    with torch.no_grad():
+        expected = torch.stack([network.image_features(f(image)) for f in VIEWS.values()])
+        torch.testing.assert_close(network.scoring_features(image), expected.mean(dim=0))
+    assert not torch.allclose(expected[0], expected[1])  # the views really differ
+
+
+def test_metadata_prior_shifts_the_logit_only_for_known_fields() -> None:
+    torch.manual_seed(0)
+    network = FusionNet(metadata_prior=True).eval()
+    features = torch.randn(2, network.image_feature_width)
+    known = torch.from_numpy(np.stack([encode_metadata(70.0, "male", "torso")] * 2))
+    missing = torch.from_numpy(encode_missing(2))
+    with torch.no_grad():
+        before_known = network.head(features, known)
+        before_missing = network.head(features, missing)
+        weight = np.zeros(METADATA_WIDTH, np.float32)
+        weight[0] = 2.0  # age/100 slot: +1.4 log-odds at 70
+        weight[1] = 0.5  # the age-missing indicator
+        network.set_metadata_prior(weight)
+        after_known, after_missing = network.head(features, known), network.head(features, missing)
+    torch.testing.assert_close(after_missing, before_missing)
+    torch.testing.assert_close(after_known - before_known, torch.full((2, 1), 1.4 - 0.5))
+    restored = FusionNet(metadata_prior=True)
+    restored.load_state_dict(network.state_dict())
+    torch.testing.assert_close(restored.prior_weight, torch.from_numpy(weight))
+
+
+def test_calibration_is_a_stored_affine_map_of_the_logit() -> None:
+    torch.manual_seed(0)
+    network = FusionNet(calibrated=True).eval()
+    features = torch.randn(3, network.image_feature_width)
+    metadata = torch.from_numpy(encode_missing(3))
+    with torch.no_grad():
+        raw = network.head(features, metadata)
+        network.set_calibration(0.5, -2.0)
+        torch.testing.assert_close(network.head(features, metadata), 0.5 * raw - 2.0)
+    assert FusionNet(calibrated=True).state_dict()["calibration"].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="calibrated"):
+        FusionNet().set_calibration(1.0, 0.0)
+
+
+def _samples() -> torch.Tensor:
+    paths = sorted((REPO_ROOT / "tests" / "data").glob("*.jpg"))[:2]
+    return torch.stack([preprocess_rgb(load_rgb(p)) for p in paths])
+
+
+@pytest.mark.parametrize("view", ["hair", "ruler", "vignette"])
+def test_robustness_views_are_reproducible_and_leave_most_of_the_lesion(view: str) -> None:
+    """Cached training features must not change between runs: same image, same strands."""
+    batch = _samples()
+    first, again = VIEWS[view](batch), VIEWS[view](batch.clone())
+    assert torch.equal(first, again)
+    changed = (first - batch).abs().amax(dim=1) > 0.05  # per pixel, any channel
+    share = changed.float().mean(dim=(1, 2))
+    assert ((share > 0.002) & (share < 0.6)).all(), share
+    # the centre of the image, where the lesion is, stays mostly as it was
+    centre = changed[:, 80:144, 80:144].float().mean()
+    assert centre < 0.3
+
+
+def test_vignette_darkens_corners_and_keeps_the_centre() -> None:
+    batch = _samples()
+    rgb = _rgb(VIEWS["vignette"](batch)[:1])
+    assert rgb[:8, :8].max() < 1e-5  # corners black
+    np.testing.assert_allclose(rgb[100:124, 100:124], _rgb(batch[:1])[100:124, 100:124], atol=1e-5)
+
+
+def test_hair_strands_are_darker_than_the_skin_they_cross() -> None:
+    batch = _samples()
+    before, after = _rgb(batch[:1]), _rgb(VIEWS["hair"](batch)[:1])
+    changed = np.abs(after - before).max(axis=2) > 0.05
+    assert (after[changed].mean(axis=1) < before[changed].mean(axis=1)).mean() > 0.95
+
+
+def test_field_of_view_blacks_out_the_corners_of_every_image() -> None:
+    batch = _samples()
+    masked = FieldOfView()(batch)
+    for index in range(len(batch)):
+        rgb, original = _rgb(masked[index : index + 1]), _rgb(batch[index : index + 1])
+        assert rgb[:10, :10].max() < 1e-5 and rgb[-10:, -10:].max() < 1e-5
+        np.testing.assert_allclose(rgb[62:162, 62:162], original[62:162, 62:162], atol=1e-5)
+    # masked features are cached apart from unmasked ones
+    assert FusionNet(field_of_view=True).feature_signature() != FusionNet().feature_signature()
