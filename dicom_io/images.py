@@ -56,6 +56,11 @@ class SopClass(StrEnum):
     SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
+# Third value of ImageType on dermfusion's own saliency Secondary Captures (dicom_io/capture.py):
+# a router that sends them back must not get them scored as dermoscopy.
+SALIENCY_IMAGE_TYPE = "SALIENCY"
+
+
 class UnsupportedInstanceError(ValueError):
     """An instance we cannot score; the message is one line: the file, then the reason."""
 
@@ -120,6 +125,10 @@ def image_from_dataset(ds: Dataset, name: str) -> DermoscopyImage:
         label = f" ({known})" if known and known != sop_class else ""
         raise UnsupportedInstanceError(
             name, f"SOP class {sop_class or '(none)'}{label} is not a dermoscopy image class"
+        )
+    if SALIENCY_IMAGE_TYPE in list(ds.get("ImageType", None) or []):
+        raise UnsupportedInstanceError(
+            name, "a dermfusion saliency map (our own output), not a dermoscopy image"
         )
     if "PixelData" not in ds:
         raise UnsupportedInstanceError(name, "no pixel data (7FE0,0010)")

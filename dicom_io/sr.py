@@ -211,7 +211,7 @@ class MeasurementReportWriter:
             imaging_measurements=[group],
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[_with_type2_attributes(source)],
+            evidence=[with_type2_attributes(source)],
             content=report[0],
             series_instance_uid=sr_series_uid(ref.study_instance_uid, model),
             series_number=self.series_number,
@@ -241,7 +241,7 @@ _TYPE2_COPIED = (
 )
 
 
-def _with_type2_attributes(source: Dataset) -> Dataset:
+def with_type2_attributes(source: Dataset) -> Dataset:
     """The source header with absent type 2 attributes added empty, so the SR can be built."""
     missing = [keyword for keyword in _TYPE2_COPIED if keyword not in source]
     if not missing:

@@ -99,7 +99,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from dicom_io.demographics import demographics_from_dataset
     from dicom_io.images import UnsupportedInstanceError, read_image
     from plugin.model import FusionModel
-    from plugin.pipeline import ReportPipeline
+    from plugin.pipeline import ReportPipeline, capture_writer
 
     settings = load_settings(args.config)
     images = []
@@ -117,6 +117,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         pipeline = ReportPipeline(
             model=FusionModel.load(settings.model.bundle_dir),
             patient_identifier_system=settings.patient_identifier_system,
+            capture_writer=capture_writer(settings),
         )
         reports = pipeline.run(images, [demographics_from_dataset(i.dataset) for i in images])
         for report in reports:

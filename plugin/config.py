@@ -61,6 +61,11 @@ class OutboxSettings:
 
 
 @dataclass(frozen=True)
+class SaliencySettings:
+    secondary_capture: bool
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     dir: Path
 
@@ -82,6 +87,7 @@ class Settings:
     fhir: FhirSettings | None
     demographics: DemographicsSettings
     outbox: OutboxSettings
+    saliency: SaliencySettings
     storage: StorageSettings
     model: ModelSettings
 
@@ -99,6 +105,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "fhir": {"base_url": str, "patient_identifier_system": str},
     "demographics": {"on_conflict": str, "fhir_wait_seconds": (int, float)},
     "outbox": {"retry_initial_seconds": (int, float), "retry_max_seconds": (int, float)},
+    "saliency": {"secondary_capture": bool},
     "storage": {"dir": str},
     "model": {"bundle_dir": str},
 }
@@ -122,7 +129,10 @@ def _check(raw: dict[str, Any]) -> None:
         for key, value in values.items():
             if key not in schema:
                 raise ConfigError(f"unknown key {section}.{key}")
-            if isinstance(value, bool) or not isinstance(value, schema[key]):
+            # bool is an int in Python: only a key declared bool takes true/false
+            if isinstance(value, bool) != (schema[key] is bool) or not isinstance(
+                value, schema[key]
+            ):
                 raise ConfigError(f"{section}.{key} has the wrong type: {value!r}")
         missing = set(schema) - set(values)
         if section == "fhir":
@@ -219,6 +229,7 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             ),
         ),
         outbox=OutboxSettings(retry_initial_seconds=initial, retry_max_seconds=longest),
+        saliency=SaliencySettings(secondary_capture=raw["saliency"]["secondary_capture"]),
         storage=StorageSettings(dir=_path(base, raw["storage"]["dir"])),
         model=ModelSettings(bundle_dir=_path(base, raw["model"]["bundle_dir"])),
     )

@@ -14,13 +14,16 @@ from typing import Any
 import numpy as np
 import pydicom
 from highdicom.sr import Comprehensive3DSR
+from pydicom import Dataset
 
+from dicom_io.capture import SaliencyCaptureWriter
 from dicom_io.images import DermoscopyImage
 from dicom_io.spool import write_bytes_durably
 from dicom_io.sr import MeasurementReportWriter
 from fhir_io import report_bundle
 from monai_bundle.scripts.lesion import measure_lesion
-from monai_bundle.scripts.saliency import overlay_png
+from monai_bundle.scripts.saliency import overlay_png, overlay_rgb
+from plugin.config import Settings
 from plugin.domain import Demographics, Finding, LesionSize
 from plugin.model import FusionModel
 
@@ -35,22 +38,31 @@ class ImageReport:
     sr: Comprehensive3DSR
     bundle: dict[str, Any]
     saliency: np.ndarray  # 224x224 in [0, 1], the network's view of the image
+    capture: Dataset | None = None  # the overlay as a Secondary Capture, when configured
 
     def write_files(self, folder: Path) -> ReportFiles:
-        """SR, Bundle and saliency overlay as ``<SR UID>.dcm/.json/_saliency.png``, fsync'd."""
+        """SR, Bundle and saliency overlay as ``<SR UID>.dcm/.json/_saliency.png``, fsync'd;
+        the Secondary Capture, if any, as ``<SR UID>_saliency.dcm``."""
         folder.mkdir(parents=True, exist_ok=True)
         uid = self.sr.SOPInstanceUID
         files = ReportFiles(
             sr=folder / f"{uid}.dcm",
             bundle=folder / f"{uid}.json",
             saliency=folder / f"{uid}_saliency.png",
+            capture=None if self.capture is None else folder / f"{uid}_saliency.dcm",
         )
-        buffer = io.BytesIO()
-        pydicom.dcmwrite(buffer, self.sr, enforce_file_format=True)
-        write_bytes_durably(buffer.getvalue(), files.sr)
+        _write_dicom(self.sr, files.sr)
         write_bytes_durably((json.dumps(self.bundle, indent=2) + "\n").encode(), files.bundle)
         overlay_png(self.image.rgb, self.saliency, files.saliency)
+        if self.capture is not None and files.capture is not None:
+            _write_dicom(self.capture, files.capture)
         return files
+
+
+def _write_dicom(dataset: Dataset, path: Path) -> None:
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+    write_bytes_durably(buffer.getvalue(), path)
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class ReportFiles:
     sr: Path
     bundle: Path
     saliency: Path
+    capture: Path | None = None
 
 
 def pixel_spacing_mm(image: DermoscopyImage) -> tuple[float, float] | None:
@@ -86,6 +99,7 @@ class ReportPipeline:
     model: FusionModel
     patient_identifier_system: str
     sr_writer: MeasurementReportWriter = MeasurementReportWriter()
+    capture_writer: SaliencyCaptureWriter | None = None  # None: no Secondary Capture
 
     def run(
         self, images: Sequence[DermoscopyImage], demographics: Sequence[Demographics]
@@ -118,5 +132,18 @@ class ReportPipeline:
                 100 * finding.lesion.area_fraction if finding.lesion else float("nan"),
             )
             saliency = self.model.saliency(image.rgb, demo)
-            reports.append(ImageReport(image, demo, finding, sr, bundle, saliency))
+            capture = None
+            if self.capture_writer is not None:
+                capture = self.capture_writer.build(
+                    source=image.dataset,
+                    ref=image.ref,
+                    overlay=overlay_rgb(image.rgb, saliency, native_size=True),
+                    model=finding.model,
+                )
+            reports.append(ImageReport(image, demo, finding, sr, bundle, saliency, capture))
         return reports
+
+
+def capture_writer(settings: Settings) -> SaliencyCaptureWriter | None:
+    """The Secondary Capture writer when ``[saliency] secondary_capture`` asks for one."""
+    return SaliencyCaptureWriter() if settings.saliency.secondary_capture else None

@@ -29,7 +29,7 @@ from plugin.demographics import ConflictPolicy, merge, needs_lookup
 from plugin.domain import Demographics
 from plugin.model import FusionModel
 from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
-from plugin.pipeline import ImageReport, ReportPipeline
+from plugin.pipeline import ImageReport, ReportPipeline, capture_writer
 from plugin.state import InstanceRow, OutboxItem, SqliteStateStore, StateStore
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,9 @@ class StudyProcessor:
         owed = []
         if PACS in self.destinations:
             owed.append(OutboxItem(f"sr:{report.sr.SOPInstanceUID}", PACS, files.sr, 0))
+            if report.capture is not None and files.capture is not None:
+                key = f"sc:{report.capture.SOPInstanceUID}"
+                owed.append(OutboxItem(key, PACS, files.capture, 0))
         if FHIR in self.destinations:
             owed.append(OutboxItem(f"fhir:{report.sr.SOPInstanceUID}", FHIR, files.bundle, 0))
         return owed
@@ -208,6 +211,7 @@ class DermfusionService:
             pipeline=ReportPipeline(
                 model=FusionModel.load(self.settings.model.bundle_dir),
                 patient_identifier_system=self.settings.patient_identifier_system,
+                capture_writer=capture_writer(self.settings),
             ),
             outbox_dir=storage.outbox,
             destinations=frozenset(destinations),

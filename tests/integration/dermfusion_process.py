@@ -86,6 +86,7 @@ def write_config(
     pacs_port: int | None = None,
     fhir_url: str | None = None,
     stable_seconds: float = 1.0,
+    secondary_capture: bool = False,
 ) -> Path:
     lines = [
         "[listener]",
@@ -100,6 +101,8 @@ def write_config(
         "fhir_wait_seconds = 5",
         "[storage]",
         f'dir = "{storage}"',
+        "[saliency]",
+        f"secondary_capture = {'true' if secondary_capture else 'false'}",
     ]
     if pacs_port is not None:
         lines += ["[pacs]", 'ae_title = "ORTHANC"', 'host = "127.0.0.1"', f"port = {pacs_port}"]

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
+from dicom_io.capture import SECONDARY_CAPTURE_IMAGE_STORAGE as SECONDARY_CAPTURE
 from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from dicom_io.sr import ReportedFinding, read_reported_finding
 from fhir_io import FhirClient
@@ -75,6 +76,7 @@ def service(
         storage=workdir / "var",
         pacs_port=orthanc.dicom_port,
         fhir_url=fhir_base_url,
+        secondary_capture=True,
     )
     process = DermfusionProcess(workdir, orthanc.dermfusion_port, config)  # type: ignore[attr-defined]
     process.start()
@@ -131,6 +133,15 @@ def _srs_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[ReportedFind
     return found
 
 
+def _captures_in_orthanc(orthanc: OrthancServer, study_uid: str) -> list[pydicom.Dataset]:
+    found = []
+    for instance in orthanc.study_instances(study_uid):
+        if orthanc.instance_metadata(instance["ID"]).get("SopClassUid") == SECONDARY_CAPTURE:
+            raw = httpx.get(f"{orthanc.http}/instances/{instance['ID']}/file").content
+            found.append(pydicom.dcmread(io.BytesIO(raw)))
+    return found
+
+
 def _reports_for_study(fhir_base_url: str, study_uid: str) -> list[dict[str, Any]]:
     with FhirClient(fhir_base_url) as client:
         return client.search(
@@ -154,6 +165,16 @@ def test_study_routed_by_orthanc_gets_its_sr_and_diagnostic_report(
     )
     sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
     assert {sr.source_sop_instance_uid for sr in srs} == sources
+    captures = _eventually(
+        lambda: (c := _captures_in_orthanc(orthanc, study_uid)) and len(c) == 2 and c,
+        60,
+        "two saliency Secondary Captures in the study in Orthanc",
+    )
+    for capture in captures:
+        assert capture.Modality == "OT" and capture.SeriesNumber == 9902
+        assert "SALIENCY" in capture.ImageType
+        assert capture.PatientID == "DF-IT-0001"
+    assert {c.SourceImageSequence[0].ReferencedSOPInstanceUID for c in captures} == sources
     assert all(sr.age == 58.0 and sr.sources["age"] == "dicom:PatientAge" for sr in srs)
     found = _eventually(
         lambda: (

@@ -20,6 +20,7 @@ def test_embedded_defaults_have_no_pacs_and_no_fhir(tmp_path: Path) -> None:
     assert settings.pacs is None and settings.fhir is None
     assert settings.storage.outbox == tmp_path / "var" / "outbox"
     assert settings.patient_identifier_system == DEFAULT_PATIENT_IDENTIFIER_SYSTEM
+    assert settings.saliency.secondary_capture is False
 
 
 def test_contract_keys_are_read(tmp_path: Path) -> None:
@@ -39,6 +40,8 @@ port = 4242
 [fhir]
 base_url = "http://127.0.0.1:8080/fhir/"
 patient_identifier_system = "urn:hospital:mrn"
+[saliency]
+secondary_capture = true
 [storage]
 dir = "/srv/dermfusion"
 """,
@@ -49,6 +52,7 @@ dir = "/srv/dermfusion"
     assert settings.fhir is not None and settings.fhir.base_url == "http://127.0.0.1:8080/fhir"
     assert settings.patient_identifier_system == "urn:hospital:mrn"
     assert settings.storage.dir == Path("/srv/dermfusion")
+    assert settings.saliency.secondary_capture is True
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,8 @@ dir = "/srv/dermfusion"
         ('[pacs]\nhost = "x"\n', "[pacs] lacks ae_title, port"),
         ('[study]\nstable_seconds = "2"\n', "study.stable_seconds has the wrong type"),
         ("[nope]\n", "unknown section [nope]"),
+        ("[saliency]\nsecondary_capture = 1\n", "saliency.secondary_capture has the wrong type"),
+        ("[listener]\nport = true\n", "listener.port has the wrong type"),
         ("[listener\n", "site.toml"),
     ],
 )
