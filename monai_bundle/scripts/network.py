@@ -197,11 +197,12 @@ class ShadesOfGray(nn.Module):
 class FusionNet(nn.Module):
     """Melanoma logit from a dermoscopy image and an encoded metadata vector.
 
-    The image branch is an EfficientNet-Lite up to global pooling, optionally after colour
-    constancy and with the pooled outputs of earlier blocks (``feature_taps``) appended: mid-level
-    texture features transfer to dermoscopy better than the ImageNet-specific last layer. The
-    metadata branch is a small MLP over age, sex and site (each with a missing indicator, see
-    ``metadata.py``). ``head`` is exposed separately so training can run on cached features.
+    The image branch is an EfficientNet-Lite up to global pooling, optionally after a
+    field-of-view mask and colour constancy, and with the pooled outputs of earlier blocks
+    (``feature_taps``) appended: mid-level texture features transfer to dermoscopy better than
+    the ImageNet-specific last layer. The metadata branch is a small MLP over age, sex and site
+    (each with a missing indicator, see ``metadata.py``). ``head`` is exposed separately so
+    training can run on cached features.
 
     Two optional fixed parts are fitted outside gradient descent and stored as buffers:
     ``metadata_prior`` adds the log-odds that a logistic regression on the 29,559-row ISIC 2020

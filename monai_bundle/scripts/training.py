@@ -1,9 +1,9 @@
 """Training of FusionNet: frozen ImageNet backbone, fusion head on cached features.
 
 Run through the bundle (``configs/train.json``) or ``dermfusion train``; same seed, same weights.
-The recipe: cached multi-view features (colour constancy and block taps as the network options
-say), the ISIC 2020 table's metadata prior, metadata dropout, then a Platt calibration fitted on
-validation at the real ISIC 2020 prevalence.
+The recipe: cached multi-view features (mask, colour constancy and block taps as the network
+options say), the ISIC 2020 table's metadata prior, metadata dropout, then a Platt calibration
+fitted on validation at the real ISIC 2020 prevalence.
 """
 
 from __future__ import annotations
