@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,11 @@ def split_by_group(cases: Cases, val_fraction: float, seed: int) -> np.ndarray:
             rng.shuffle(groups)
             val_groups.update(groups[: int(round(len(groups) * val_fraction))])
     return frame["group"].isin(val_groups).to_numpy()
+
+
+def isic_patients(groups: Iterable[str]) -> set[str]:
+    """The ISIC 2020 patient ids among split groups (``isic:<patient_id>``)."""
+    return {g.split(":", 1)[1] for g in groups if g.startswith("isic:")}
 
 
 def isic_weights(frame: pd.DataFrame) -> np.ndarray:

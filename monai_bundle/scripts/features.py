@@ -60,7 +60,9 @@ def image_features(
     files = {(v, t): _cache_file(cache, key, v, t) for v in views for t in taps}
     todo = sorted({v for (v, _), f in files.items() if not f.exists()}, key=list(views).index)
     if todo:
-        _compute(network, paths, todo, {k: f for k, f in files.items() if k[0] in todo}, batch_size)
+        owed = {k: f for k, f in files.items() if k[0] in todo}
+        _compute(network, paths, todo, owed, batch_size)
+        log.info("cached features of %d images, views %s, in %s", len(paths), todo, cache)
     return {
         view: np.concatenate([np.load(files[(view, tap)]) for tap in taps], axis=1)
         for view in views
@@ -74,7 +76,6 @@ def _compute(
     files: dict[tuple[str, str], Path],
     batch_size: int,
 ) -> None:
-    cache = next(iter(files.values())).parent
     network = network.eval().to(memory_format=torch.channels_last)
     out: dict[tuple[str, str], list[np.ndarray]] = {k: [] for k in files}
     loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=1)
@@ -88,4 +89,3 @@ def _compute(
         tmp = files[(view, tap)].with_name(files[(view, tap)].stem + ".tmp.npy")
         np.save(tmp, np.concatenate(chunks).astype(np.float32))
         tmp.rename(files[(view, tap)])
-    log.info("cached features of %d images, views %s, in %s", len(paths), list(views), cache)

@@ -21,20 +21,28 @@ IMAGE_FEATURES = 1280
 HEAD_TAP = "head"
 
 
-_MEAN = torch.from_numpy(IMAGENET_MEAN).view(1, -1, 1, 1)
-_STD = torch.from_numpy(IMAGENET_STD).view(1, -1, 1, 1)
+_MEAN = torch.from_numpy(IMAGENET_MEAN).view(-1, 1, 1)  # broadcasts over CxHxW and NxCxHxW
+_STD = torch.from_numpy(IMAGENET_STD).view(-1, 1, 1)
 
 
 def _denormalised(image: torch.Tensor) -> torch.Tensor:
-    mean = torch.from_numpy(IMAGENET_MEAN).view(-1, 1, 1)
-    std = torch.from_numpy(IMAGENET_STD).view(-1, 1, 1)
-    return (image * std + mean).clamp(0.0, 1.0)
+    """ImageNet-normalised tensor(s) back to RGB in [0, 1]."""
+    return (image * _STD.to(image) + _MEAN.to(image)).clamp(0.0, 1.0)
 
 
 def _normalised(rgb: torch.Tensor) -> torch.Tensor:
-    mean = torch.from_numpy(IMAGENET_MEAN).view(-1, 1, 1)
-    std = torch.from_numpy(IMAGENET_STD).view(-1, 1, 1)
-    return (rgb - mean) / std
+    return (rgb - _MEAN.to(rgb)) / _STD.to(rgb)
+
+
+def _to_canvas(image: torch.Tensor) -> Image.Image:
+    """One normalised 3xHxW image as an 8-bit PIL image to draw on."""
+    rgb = _denormalised(image).permute(1, 2, 0).numpy()
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")
+
+
+def _from_canvas(canvas: Image.Image) -> torch.Tensor:
+    array = np.asarray(canvas, dtype=np.float32) / 255.0
+    return _normalised(torch.from_numpy(array.transpose(2, 0, 1).copy()))
 
 
 def _image_seed(image: torch.Tensor) -> int:
@@ -51,10 +59,7 @@ def with_hair(batch: torch.Tensor) -> torch.Tensor:
     out = []
     for image in batch:
         rng = np.random.default_rng(_image_seed(image))
-        rgb = _denormalised(image)
-        canvas = Image.fromarray(
-            (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mode="RGB"
-        )
+        canvas = _to_canvas(image)
         draw = ImageDraw.Draw(canvas)
         size = canvas.size[0]
         for _ in range(int(rng.integers(4, 14))):
@@ -67,8 +72,7 @@ def with_hair(batch: torch.Tensor) -> torch.Tensor:
                 fill=(shade, int(shade * 0.8), int(shade * 0.6)),
                 width=int(rng.integers(1, 3)),
             )
-        array = np.asarray(canvas, dtype=np.float32) / 255.0
-        out.append(_normalised(torch.from_numpy(array.transpose(2, 0, 1).copy())))
+        out.append(_from_canvas(canvas))
     return torch.stack(out)
 
 
@@ -81,10 +85,7 @@ def with_ruler(batch: torch.Tensor) -> torch.Tensor:
     out = []
     for image in batch:
         rng = np.random.default_rng(_image_seed(image) + 1)
-        rgb = _denormalised(image)
-        canvas = Image.fromarray(
-            (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), mode="RGB"
-        )
+        canvas = _to_canvas(image)
         size = canvas.size[0]
         mask = Image.new("L", canvas.size, 0)
         draw = ImageDraw.Draw(mask)
@@ -99,9 +100,7 @@ def with_ruler(batch: torch.Tensor) -> torch.Tensor:
             mask = mask.transpose(Image.Transpose.ROTATE_90)
         shade = int(rng.integers(0, 60))
         ink = Image.new("RGB", canvas.size, (shade, shade, shade))
-        canvas = Image.composite(ink, canvas, mask)
-        array = np.asarray(canvas, dtype=np.float32) / 255.0
-        out.append(_normalised(torch.from_numpy(array.transpose(2, 0, 1).copy())))
+        out.append(_from_canvas(Image.composite(ink, canvas, mask)))
     return torch.stack(out)
 
 
@@ -120,9 +119,7 @@ def with_vignette(batch: torch.Tensor) -> torch.Tensor:
     Grad-CAM of the first model peaked on such corners. Training on vignetted copies of every
     image makes the corners less informative (``FieldOfView`` makes them uninformative).
     """
-    keep = field_of_view_mask(batch.shape[-2], batch.shape[-1])
-    rgb = torch.stack([_denormalised(image) for image in batch])
-    return torch.stack([_normalised(image) for image in rgb * keep])
+    return _normalised(_denormalised(batch) * field_of_view_mask(*batch.shape[-2:]))
 
 
 class FieldOfView(nn.Module):
@@ -135,9 +132,8 @@ class FieldOfView(nn.Module):
     """
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        keep = field_of_view_mask(image.shape[-2], image.shape[-1]).to(image.dtype)
-        rgb = (image * _STD.to(image.dtype) + _MEAN.to(image.dtype)).clamp(0.0, 1.0) * keep
-        return (rgb - _MEAN.to(image.dtype)) / _STD.to(image.dtype)
+        keep = field_of_view_mask(*image.shape[-2:]).to(image)
+        return _normalised(_denormalised(image) * keep)
 
 
 # Views of an image whose features are cached for training. The dihedral ones are exact, cheap
@@ -183,15 +179,13 @@ class ShadesOfGray(nn.Module):
     def __init__(self, power: float = 6.0) -> None:
         super().__init__()
         self.power = power
-        self.register_buffer("mean", torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.from_numpy(IMAGENET_STD).view(1, 3, 1, 1), False)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        rgb = (image * self.std + self.mean).clamp(0.0, 1.0)
+        rgb = _denormalised(image)
         illuminant = rgb.pow(self.power).mean(dim=(2, 3), keepdim=True).pow(1.0 / self.power)
         illuminant = illuminant / illuminant.norm(dim=1, keepdim=True).clamp_min(1e-6)
         rgb = (rgb / (illuminant * math.sqrt(3.0)).clamp_min(1e-6)).clamp(0.0, 1.0)
-        return (rgb - self.mean) / self.std
+        return _normalised(rgb)
 
 
 class FusionNet(nn.Module):
@@ -239,9 +233,7 @@ class FusionNet(nn.Module):
         net._dropout = nn.Identity()
         self.backbone = net
         self.colour = ShadesOfGray() if colour_constancy else nn.Identity()
-        self.colour_constancy = colour_constancy
         self.field_of_view = FieldOfView() if field_of_view else nn.Identity()
-        self.masks_corners = field_of_view
         self.feature_taps = tuple(int(t) for t in feature_taps)
         blocks = len(net._blocks)
         if any(not 0 <= t < blocks for t in self.feature_taps):
@@ -278,9 +270,9 @@ class FusionNet(nn.Module):
     def feature_signature(self) -> str:
         """What, besides the image, decides cached backbone features (part of the cache key)."""
         parts = [] if self.backbone_name == BACKBONES[0] else [self.backbone_name]
-        if self.masks_corners:
+        if isinstance(self.field_of_view, FieldOfView):
             parts.append("field-of-view-0.56")
-        if self.colour_constancy:
+        if isinstance(self.colour, ShadesOfGray):
             parts.append("shades-of-gray-6")
         return ";".join(parts)
 

@@ -22,7 +22,13 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from monai_bundle.scripts.data import encode_frame, isic_weights, load_cases, split_by_group
+from monai_bundle.scripts.data import (
+    encode_frame,
+    isic_patients,
+    isic_weights,
+    load_cases,
+    split_by_group,
+)
 from monai_bundle.scripts.evaluation import (
     auc_difference_with_interval,
     auc_with_interval,
@@ -33,7 +39,7 @@ from monai_bundle.scripts.evaluation import (
 from monai_bundle.scripts.features import image_features
 from monai_bundle.scripts.metadata import FIELD_SLOTS, encode_missing
 from monai_bundle.scripts.network import FusionNet, load_bundle_network
-from plugin.domain import site_from_name
+from monai_bundle.scripts.priors import isic_table
 
 log = logging.getLogger(__name__)
 AGE_BANDS = ((0, 30, "<30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, "70+"))
@@ -235,19 +241,9 @@ class EvaluationReport:
 
     def _metadata_only(self, train: pd.DataFrame, val: pd.DataFrame) -> np.ndarray:
         """Metadata prior: the full ISIC 2020 table (patients outside validation) + HAM train."""
-        table = pd.read_csv(self.data_root / "isic2020" / "metadata.csv")
-        val_patients = {g.split(":", 1)[1] for g in val.group if g.startswith("isic:")}
-        table = table[~table.patient_id.isin(val_patients)]
-        site = table.anatom_site_general_challenge
-        isic = pd.DataFrame(
-            {
-                "age": table.age_approx,
-                "sex": table.sex.where(table.sex.isin(["male", "female"])),
-                "site": [site_from_name(s if isinstance(s, str) else None) for s in site],
-                "label": table.target,
-            }
-        )
-        ham = train[train.source == "ham10000"][["age", "sex", "site", "label"]]
+        columns = ["age", "sex", "site", "label"]
+        isic = isic_table(self.data_root, isic_patients(val.group))[columns]
+        ham = train[train.source == "ham10000"][columns]
         rows = pd.concat([isic, ham], ignore_index=True)
         model = LogisticRegression(max_iter=2000, C=1.0)
         model.fit(encode_frame(rows), rows.label.to_numpy())

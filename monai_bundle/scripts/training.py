@@ -21,7 +21,14 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 from tqdm import tqdm
 
-from monai_bundle.scripts.data import Cases, encode_frame, isic_weights, load_cases, split_by_group
+from monai_bundle.scripts.data import (
+    Cases,
+    encode_frame,
+    isic_patients,
+    isic_weights,
+    load_cases,
+    split_by_group,
+)
 from monai_bundle.scripts.evaluation import (
     auc_difference_with_interval,
     auc_with_interval,
@@ -159,7 +166,7 @@ class FrozenBackboneTrainer:
         if self.network_options.get("metadata_prior"):
             # never learn the prior from a patient whose images validate this recipe
             is_val = split_by_group(cases, self.val_fraction, self.seed)
-            held_out = {g.split(":", 1)[1] for g in frame.group[is_val] if g.startswith("isic:")}
+            held_out = isic_patients(frame.group[is_val])
             prior = fit_metadata_prior(isic_table(self.data_root, held_out), self.seed)
         return HeadInputs(cases, features, metadata, labels, prior)
 
