@@ -27,7 +27,7 @@ from monai_bundle.scripts.evaluation import (
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.metadata import encode_missing
-from monai_bundle.scripts.training import FrozenBackboneTrainer
+from monai_bundle.scripts.training import FusionTrainer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ RECIPE_FIELDS = (
     "epochs",
     "batch_size",
     "learning_rate",
+    "backbone_learning_rate",
     "weight_decay",
     "p_field_drop",
     "p_all_drop",
@@ -109,7 +110,7 @@ class LeaveOneClinicOut:
         self.epochs = epochs
         self.n_boot = n_boot
 
-    def trainer(self) -> FrozenBackboneTrainer:
+    def trainer(self) -> FusionTrainer:
         """The trainer of ``train_config``, pointed at this run's data and feature cache."""
         parser = ConfigParser()
         parser.read_config(str(self.train_config))
@@ -121,7 +122,7 @@ class LeaveOneClinicOut:
         if self.epochs is not None:
             parser["trainer#epochs"] = self.epochs
         trainer = parser.get_parsed_content("trainer")
-        if not isinstance(trainer, FrozenBackboneTrainer):
+        if not isinstance(trainer, FusionTrainer):
             raise TypeError(f"{self.train_config}: trainer is {type(trainer).__name__}")
         return trainer
 
@@ -134,7 +135,6 @@ class LeaveOneClinicOut:
         inputs = trainer.head_inputs(cases)
         frame = cases.frame
         labels = inputs.labels.astype(int)
-        features = trainer.scoring_features(inputs)
         no_metadata = encode_missing(len(frame))
         report: dict[str, Any] = {
             "description": "leave-one-clinic-out on HAM10000 (dataset column), proxy for an "
@@ -150,6 +150,7 @@ class LeaveOneClinicOut:
             held_out = (frame.clinic == clinic).to_numpy()
             log.info("leave out %s: train on %d cases", clinic, is_train.sum())
             network = trainer.fit_fresh_head(inputs, is_train)
+            features = trainer.scoring_features(inputs, network)
             probabilities = {
                 "fusion": trainer._probabilities(network, features, inputs.metadata),
                 "image_only": trainer._probabilities(network, features, no_metadata),

@@ -34,6 +34,13 @@ class _ImageFiles(Dataset[torch.Tensor]):
         return preprocess_rgb(load_rgb(self.paths[index]))
 
 
+def _channels_last(network: FusionNet) -> FusionNet:
+    """The network in eval mode and channels-last layout (faster on CPU), converted outside
+    inference mode so that its parameters stay trainable afterwards."""
+    with torch.inference_mode(False):
+        return network.eval().to(memory_format=torch.channels_last)
+
+
 def _cache_key(paths: Sequence[str], signature: str) -> str:
     text = "\n".join(paths) + (f"\n{signature}" if signature else "")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -76,7 +83,7 @@ def _compute(
     files: dict[tuple[str, str], Path],
     batch_size: int,
 ) -> None:
-    network = network.eval().to(memory_format=torch.channels_last)
+    network = _channels_last(network)
     out: dict[tuple[str, str], list[np.ndarray]] = {k: [] for k in files}
     loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=1)
     for batch in tqdm(loader, desc=f"image features ({', '.join(views)})", unit="batch"):
@@ -89,3 +96,47 @@ def _compute(
         tmp = files[(view, tap)].with_name(files[(view, tap)].stem + ".tmp.npy")
         np.save(tmp, np.concatenate(chunks).astype(np.float32))
         tmp.rename(files[(view, tap)])
+
+
+def _map_file(cache: Path, key: str, view: str, block: int) -> Path:
+    return cache / f"maps-{key}-{view}-block{block}.npy"
+
+
+@torch.inference_mode()
+def block_maps(
+    network: FusionNet,
+    paths: Sequence[str],
+    views: Sequence[str],
+    blocks: Sequence[int],
+    cache_dir: str | Path,
+    batch_size: int = 32,
+) -> dict[tuple[str, int], np.ndarray]:
+    """Full output maps of ``blocks`` per view (float16, memory-mapped), cached by path list.
+
+    Fine-tuning the top blocks then starts from these instead of from the image: the frozen
+    lower blocks, which cost most of a forward pass, run once per image and view.
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    key = _cache_key(paths, network.feature_signature())
+    blocks = sorted(blocks)
+    files = {(v, b): _map_file(cache, key, v, b) for v in views for b in blocks}
+    todo = sorted({v for (v, _), f in files.items() if not f.exists()}, key=list(views).index)
+    if todo:
+        network = _channels_last(network)
+        out: dict[tuple[str, int], list[np.ndarray]] = {(v, b): [] for v in todo for b in blocks}
+        loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=1)
+        for batch in tqdm(loader, desc=f"block maps ({', '.join(todo)})", unit="batch"):
+            for view in todo:
+                x = VIEWS[view](batch).contiguous(memory_format=torch.channels_last)
+                x = network.block_output(x, blocks[0])
+                out[(view, blocks[0])].append(x.half().numpy())
+                for previous, block in zip(blocks, blocks[1:], strict=False):
+                    x = network.blocks_between(x, previous + 1, block)
+                    out[(view, block)].append(x.half().numpy())
+        for (view, block), chunks in out.items():
+            tmp = files[(view, block)].with_name(files[(view, block)].stem + ".tmp.npy")
+            np.save(tmp, np.ascontiguousarray(np.concatenate(chunks)))
+            tmp.rename(files[(view, block)])
+        log.info("cached block maps of %d images, views %s, in %s", len(paths), todo, cache)
+    return {k: np.load(f, mmap_mode="r") for k, f in files.items()}

@@ -219,6 +219,7 @@ class FusionNet(nn.Module):
         metadata_prior: bool = False,
         calibrated: bool = False,
         test_time_views: Sequence[str] = ("identity",),
+        fine_tuned_from: int | None = None,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -242,6 +243,9 @@ class FusionNet(nn.Module):
         if unknown or not test_time_views:
             raise ValueError(f"test_time_views must be a non-empty subset of {list(VIEWS)}")
         self.test_time_views = tuple(test_time_views)
+        if fine_tuned_from is not None and not 1 <= fine_tuned_from < blocks:
+            raise ValueError(f"fine_tuned_from must be a block index 1..{blocks - 1}")
+        self.fine_tuned_from = fine_tuned_from
         self.image_feature_width = IMAGE_FEATURES + sum(
             net._blocks[t]._bn2.num_features for t in self.feature_taps
         )
@@ -268,13 +272,52 @@ class FusionNet(nn.Module):
             self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
 
     def feature_signature(self) -> str:
-        """What, besides the image, decides cached backbone features (part of the cache key)."""
+        """What, besides the image, decides cached backbone features (part of the cache key).
+
+        A backbone whose weights are not ImageNet's (fine-tuned, or untrained) adds a hash of
+        them, so features of the shipped fine-tuned network never come from a frozen one's cache.
+        """
         parts = [] if self.backbone_name == BACKBONES[0] else [self.backbone_name]
         if isinstance(self.field_of_view, FieldOfView):
             parts.append("field-of-view-0.56")
         if isinstance(self.colour, ShadesOfGray):
             parts.append("shades-of-gray-6")
+        weights = backbone_hash(self.backbone)
+        if weights != imagenet_backbone_hash(self.backbone_name):
+            parts.append(f"backbone-{weights}")
         return ";".join(parts)
+
+    def trainable_backbone_parameters(self) -> list[nn.Parameter]:
+        """Blocks ``fine_tuned_from`` onwards and the head convolution: what fine-tuning trains."""
+        if self.fine_tuned_from is None:
+            return []
+        backbone = self.backbone
+        modules = [*backbone._blocks[self.fine_tuned_from :], backbone._conv_head, backbone._bn1]
+        return [p for m in modules for p in m.parameters()]
+
+    def features_from_block(
+        self, x: torch.Tensor, first: int, frozen: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Image features from the output of block ``first - 1``, in the order the head reads.
+
+        ``frozen`` holds the pooled taps below ``first`` (cached, they do not change).
+        """
+        head_map, live = self.blocks_onwards(x, first)
+        live[HEAD_TAP] = head_map.mean(dim=(2, 3))
+        return torch.cat([live[n] if n in live else frozen[n] for n in self.tap_names()], dim=1)
+
+    def tap_columns(self) -> dict[str, slice]:
+        """Where each tap's pooled features sit in ``image_features``' output."""
+        widths = [IMAGE_FEATURES] + [
+            self.backbone._blocks[t]._bn2.num_features for t in self.feature_taps
+        ]
+        ends = np.cumsum(widths)
+        names = self.tap_names()
+        return {n: slice(int(e - w), int(e)) for n, w, e in zip(names, widths, ends, strict=True)}
+
+    def taps_below(self, first: int) -> list[str]:
+        """The tapped blocks that fine-tuning from block ``first`` leaves frozen."""
+        return [f"block{t}" for t in self.feature_taps if t < first]
 
     def tap_names(self) -> tuple[str, ...]:
         return (HEAD_TAP, *(f"block{t}" for t in self.feature_taps))
@@ -283,12 +326,34 @@ class FusionNet(nn.Module):
         self, image: torch.Tensor, taps: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The last feature map (1280x7x7) and the pooled outputs of the tapped blocks."""
-        wanted = set(self.feature_taps if taps is None else taps)
+        return self.blocks_onwards(self.block_output(image, -1), 0, taps)
+
+    def block_output(self, image: torch.Tensor, last: int) -> torch.Tensor:
+        """The output of block ``last`` (-1: of the stem), after mask and colour constancy.
+
+        Training that fine-tunes only the top blocks caches this for the blocks below.
+        """
         backbone = self.backbone
         x = self.colour(self.field_of_view(image))
         x = backbone._swish(backbone._bn0(backbone._conv_stem(x)))
+        return self.blocks_between(x, 0, last)
+
+    def blocks_between(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Blocks ``first`` to ``last`` (inclusive) applied to the output of block ``first - 1``."""
+        for block in self.backbone._blocks[first : last + 1]:
+            x = block(x, drop_connect_rate=None)
+        return x
+
+    def blocks_onwards(
+        self, x: torch.Tensor, first: int, taps: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Blocks ``first`` onwards and the head convolution, with the pooled taps among them."""
+        wanted = set(self.feature_taps if taps is None else taps)
+        backbone = self.backbone
         pooled: dict[str, torch.Tensor] = {}
         for index, block in enumerate(backbone._blocks):
+            if index < first:
+                continue
             x = block(x, drop_connect_rate=None)
             if index in wanted:
                 pooled[f"block{index}"] = x.mean(dim=(2, 3))
@@ -336,6 +401,28 @@ class FusionNet(nn.Module):
 
     def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
         return self.head(self.scoring_features(image), metadata)
+
+
+def backbone_hash(backbone: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(backbone.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+_IMAGENET_HASHES: dict[str, str] = {}
+
+
+def imagenet_backbone_hash(backbone: str) -> str:
+    """Hash of the ImageNet weights of ``backbone`` as FusionNet holds them (computed once)."""
+    if backbone not in _IMAGENET_HASHES:
+        weights = imagenet_weights_path(backbone)
+        net = EfficientNet.from_pretrained(backbone, weights_path=str(weights))
+        net._fc = nn.Identity()
+        net._dropout = nn.Identity()
+        _IMAGENET_HASHES[backbone] = backbone_hash(net)
+    return _IMAGENET_HASHES[backbone]
 
 
 def load_bundle_network(bundle_root: str | Path) -> FusionNet:

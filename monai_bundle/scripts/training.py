@@ -1,9 +1,11 @@
-"""Training of FusionNet: frozen ImageNet backbone, fusion head on cached features.
+"""Training of FusionNet: fusion head, and optionally the top backbone blocks, on cached inputs.
 
 Run through the bundle (``configs/train.json``) or ``dermfusion train``; same seed, same weights.
 The recipe: cached multi-view features (mask, colour constancy and block taps as the network
 options say), the ISIC 2020 table's metadata prior, metadata dropout, then a Platt calibration
-fitted on validation at the real ISIC 2020 prevalence.
+fitted on validation at the real ISIC 2020 prevalence. With ``fine_tuned_from`` set in the network
+options, blocks from that index onwards are fine-tuned too, starting from cached output maps of
+the block below: the frozen lower blocks, most of a forward pass, run once per image and view.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from monai_bundle.scripts.evaluation import (
     operating_point,
     threshold_for_sensitivity,
 )
-from monai_bundle.scripts.features import image_features
+from monai_bundle.scripts.features import block_maps, image_features
 from monai_bundle.scripts.metadata import drop_fields, encode_missing
 from monai_bundle.scripts.network import VIEWS, FusionNet
 from monai_bundle.scripts.priors import fit_metadata_prior, isic_table
@@ -58,10 +60,14 @@ class HeadInputs:
     metadata: np.ndarray
     labels: np.ndarray
     prior_weight: np.ndarray | None
+    maps: dict[str, np.ndarray] | None = None  # per view: output of block fine_tuned_from - 1
 
 
-class FrozenBackboneTrainer:
-    """Trains the metadata branch and fusion head; the EfficientNet-Lite0 backbone stays ImageNet.
+class FusionTrainer:
+    """Trains the metadata branch and fusion head, and the top backbone blocks if asked to.
+
+    Blocks below ``network.fine_tuned_from`` (all of them when unset) keep their ImageNet weights;
+    the BatchNorm statistics of the fine-tuned ones stay ImageNet's too (small, mixed batches).
 
     Validation is disjoint by lesion (HAM10000: one image per lesion) and by patient (ISIC 2020).
     The operating threshold is the highest one reaching ``sensitivity_target`` on validation.
@@ -78,6 +84,7 @@ class FrozenBackboneTrainer:
         epochs: int = 30,
         batch_size: int = 256,
         learning_rate: float = 1e-3,
+        backbone_learning_rate: float = 1e-4,
         weight_decay: float = 1e-4,
         p_field_drop: float = 0.3,
         p_all_drop: float = 0.2,
@@ -99,6 +106,7 @@ class FrozenBackboneTrainer:
         self.epochs = epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.backbone_learning_rate = backbone_learning_rate
         self.weight_decay = weight_decay
         self.p_field_drop = p_field_drop
         self.p_all_drop = p_all_drop
@@ -115,6 +123,7 @@ class FrozenBackboneTrainer:
         if calibrate_on and not self.network_options.get("calibrated"):
             raise ValueError("calibrate_on needs a network built with calibrated=True")
         self.calibrate_on = calibrate_on
+        self.fine_tuned_from: int | None = self.network_options.get("fine_tuned_from")
 
     def run(self) -> dict[str, Any]:
         torch.manual_seed(self.seed)
@@ -134,7 +143,11 @@ class FrozenBackboneTrainer:
             labels[is_val].sum(),
         )
         self._fit_head(network, inputs, ~is_val)
-        scoring = self.scoring_features(inputs)
+        scoring = self.scoring_features(inputs, network)
+        if self.fine_tuned_from is not None:
+            # validation exactly as the service scores it: the whole network from the image
+            # (the cached maps are float16), and the evaluation report reads the same cache
+            scoring[is_val] = self._end_to_end_features(network, list(frame.image[is_val]))
         calibration = self._calibrate(network, scoring, inputs.metadata, frame, is_val)
         report = self._validate(network, scoring, inputs.metadata, frame, is_val)
         report["image_only_model"] = self._image_only_ablation(inputs, scoring, network, is_val)
@@ -154,12 +167,13 @@ class FrozenBackboneTrainer:
         ``network`` only computes features on a cache miss; a fresh one is built if none is given.
         """
         frame = cases.frame
-        features = image_features(
-            network if network is not None else self.fresh_network(),
-            list(frame.image),
-            self.views,
-            self.cache_dir,
-        )
+        network = network if network is not None else self.fresh_network()
+        features = image_features(network, list(frame.image), self.views, self.cache_dir)
+        maps = None
+        if self.fine_tuned_from is not None:
+            below = self.fine_tuned_from - 1
+            cached = block_maps(network, list(frame.image), self.views, [below], self.cache_dir)
+            maps = {view: cached[(view, below)] for view in self.views}
         metadata = encode_frame(frame)
         labels = frame.label.to_numpy().astype(np.float32)
         prior = None
@@ -168,11 +182,59 @@ class FrozenBackboneTrainer:
             is_val = split_by_group(cases, self.val_fraction, self.seed)
             held_out = isic_patients(frame.group[is_val])
             prior = fit_metadata_prior(isic_table(self.data_root, held_out), self.seed)
-        return HeadInputs(cases, features, metadata, labels, prior)
+        return HeadInputs(cases, features, metadata, labels, prior, maps)
 
-    def scoring_features(self, inputs: HeadInputs) -> np.ndarray:
-        """The cached features as scoring sees them: averaged over the test-time views."""
-        return np.mean([inputs.features[v] for v in self.test_time_views], axis=0)
+    def scoring_features(self, inputs: HeadInputs, network: FusionNet) -> np.ndarray:
+        """Features as scoring sees them: averaged over the test-time views.
+
+        Cached as they are for a frozen backbone; through ``network``'s fine-tuned top blocks
+        from the cached maps otherwise.
+        """
+        if self.fine_tuned_from is None:
+            return np.mean([inputs.features[v] for v in self.test_time_views], axis=0)
+        return np.mean([self._tuned_features(network, inputs, v) for v in self.test_time_views], 0)
+
+    def _end_to_end_features(self, network: FusionNet, paths: list[str]) -> np.ndarray:
+        cached = image_features(network, paths, self.test_time_views, self.cache_dir)
+        return np.mean([cached[v] for v in self.test_time_views], axis=0)
+
+    @torch.inference_mode()
+    def _tuned_features(self, network: FusionNet, inputs: HeadInputs, view: str) -> np.ndarray:
+        network.eval()
+        rows = np.arange(len(inputs.labels))
+        chunks = [
+            self._view_features(
+                network, inputs, rows[i : i + 256], np.zeros(256, int), [view]
+            ).numpy()
+            for i in range(0, len(rows), 256)
+        ]
+        return np.concatenate(chunks)
+
+    def _view_features(
+        self,
+        network: FusionNet,
+        inputs: HeadInputs,
+        rows: np.ndarray,
+        view_index: np.ndarray,
+        views: list[str],
+    ) -> torch.Tensor:
+        """Features of ``rows``, row i seen in ``views[view_index[i]]``, via the top blocks."""
+        assert inputs.maps is not None and self.fine_tuned_from is not None
+        columns = network.tap_columns()
+        first = self.fine_tuned_from
+        frozen_taps = network.taps_below(first)
+        x = torch.empty((len(rows), *inputs.maps[views[0]].shape[1:]), dtype=torch.float32)
+        width = {n: columns[n].stop - columns[n].start for n in frozen_taps}
+        frozen = {n: torch.empty(len(rows), width[n]) for n in frozen_taps}
+        for k, view in enumerate(views):
+            picked = np.flatnonzero(view_index[: len(rows)] == k)
+            if len(picked) == 0:
+                continue
+            source = rows[picked]
+            x[picked] = torch.from_numpy(np.asarray(inputs.maps[view][source], dtype=np.float32))
+            for n in frozen_taps:
+                frozen[n][picked] = torch.from_numpy(inputs.features[view][source, columns[n]])
+        return network.features_from_block(x, first, frozen)
 
     def fit_fresh_head(self, inputs: HeadInputs, is_train: np.ndarray) -> FusionNet:
         """A new head trained by this recipe on the rows ``is_train`` selects (cross-validation).
@@ -197,6 +259,9 @@ class FrozenBackboneTrainer:
         features, metadata, labels = inputs.features, inputs.metadata, inputs.labels
         if inputs.prior_weight is not None:
             network.set_metadata_prior(inputs.prior_weight)
+        if self.fine_tuned_from is not None:
+            self._fine_tune(network, inputs, is_train)
+            return
         x = torch.from_numpy(np.concatenate([features[v][is_train] for v in self.views]))
         m = torch.from_numpy(np.concatenate([metadata[is_train]] * len(self.views)))
         y = torch.from_numpy(np.concatenate([labels[is_train]] * len(self.views)))
@@ -224,8 +289,53 @@ class FrozenBackboneTrainer:
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             progress.set_postfix(loss=f"{total / len(y):.4f}")
+        network.eval()
+
+    def _fine_tune(self, network: FusionNet, inputs: HeadInputs, is_train: np.ndarray) -> None:
+        """Top blocks, metadata branch and head together; each epoch sees every training image
+        once, in one of the cached views drawn at random."""
+        rows = np.flatnonzero(is_train)
+        metadata = torch.from_numpy(inputs.metadata)
+        labels = torch.from_numpy(inputs.labels)
+        head = [*network.metadata_branch.parameters(), *network.classifier.parameters()]
+        backbone = network.trainable_backbone_parameters()
+        optimiser = torch.optim.AdamW(
+            [
+                {"params": backbone, "lr": self.backbone_learning_rate},
+                {"params": head, "lr": self.learning_rate},
+            ],
+            weight_decay=self.weight_decay,
+        )
+        steps_per_epoch = math.ceil(len(rows) / self.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimiser,
+            max_lr=[self.backbone_learning_rate, self.learning_rate],
+            total_steps=self.epochs * steps_per_epoch,
+        )
+        loss_fn = nn.BCEWithLogitsLoss()
+        torch.manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        network.train()
+        network.backbone.eval()  # ImageNet BatchNorm statistics, no drop-connect
+        progress = tqdm(range(self.epochs), desc="fine-tuning", unit="epoch")
+        for _ in progress:
+            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            view_index = torch.randint(len(self.views), (len(rows),), generator=generator).numpy()
+            total = 0.0
+            for start in range(0, len(rows), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                views = view_index[start : start + self.batch_size]
+                features = self._view_features(network, inputs, idx, views, self.views)
+                meta = drop_fields(metadata[idx], self.p_field_drop, self.p_all_drop, generator)
+                loss = loss_fn(network.head(features, meta).squeeze(1), labels[idx])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                total += loss.item() * len(idx)
+            progress.set_postfix(loss=f"{total / len(rows):.4f}")
         network.eval()
 
     @torch.inference_mode()
@@ -357,15 +467,21 @@ class FrozenBackboneTrainer:
         worse than image only", paired on the same validation images.
         """
         blind = HeadInputs(
-            inputs.cases, inputs.features, encode_missing(len(inputs.labels)), inputs.labels, None
+            inputs.cases,
+            inputs.features,
+            encode_missing(len(inputs.labels)),
+            inputs.labels,
+            None,
+            inputs.maps,
         )
         reference = self.fresh_network()
         self._fit_head(reference, blind, ~is_val)
+        reference_scoring = self.scoring_features(blind, reference)
         frame = inputs.cases.frame
         labels = frame.label.to_numpy()
         none = encode_missing(len(frame))
         scores = {
-            "image_only_model": self._logits(reference, scoring, none),
+            "image_only_model": self._logits(reference, reference_scoring, none),
             "fusion": self._logits(fusion, scoring, inputs.metadata),
             "fusion_no_metadata": self._logits(fusion, scoring, none),
         }

@@ -158,3 +158,44 @@ def test_field_of_view_blacks_out_the_corners_of_every_image() -> None:
         np.testing.assert_allclose(rgb[62:162, 62:162], original[62:162, 62:162], atol=1e-5)
     # masked features are cached apart from unmasked ones
     assert FusionNet(field_of_view=True).feature_signature() != FusionNet().feature_signature()
+
+
+def test_features_from_a_cached_block_map_equal_the_end_to_end_features() -> None:
+    """Fine-tuning reads the top blocks from cached maps; scoring runs the whole network."""
+    torch.manual_seed(0)
+    network = FusionNet(feature_taps=(4, 10, 14, 15), fine_tuned_from=14).eval()
+    image = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        below = network.block_output(image, 13)
+        pooled = network.pooled_taps(image)
+        frozen = {name: pooled[name] for name in network.taps_below(14)}
+        assert list(frozen) == ["block4", "block10"]
+        from_map = network.features_from_block(below, 14, frozen)
+        end_to_end = network.image_features(image)
+    torch.testing.assert_close(from_map, end_to_end)
+    columns = network.tap_columns()
+    torch.testing.assert_close(end_to_end[:, columns["block10"]], pooled["block10"])
+    assert columns["block15"].stop == network.image_feature_width
+
+
+def test_only_the_blocks_from_fine_tuned_from_onwards_are_trainable() -> None:
+    network = FusionNet(fine_tuned_from=14)
+    trainable = {id(p) for p in network.trainable_backbone_parameters()}
+    backbone = network.backbone
+    assert all(id(p) in trainable for p in backbone._blocks[14].parameters())
+    assert all(id(p) in trainable for p in backbone._conv_head.parameters())
+    assert not any(id(p) in trainable for p in backbone._blocks[13].parameters())
+    assert FusionNet().trainable_backbone_parameters() == []
+    with pytest.raises(ValueError, match="fine_tuned_from"):
+        FusionNet(fine_tuned_from=16)
+
+
+def test_a_fine_tuned_backbone_never_reads_the_frozen_feature_cache() -> None:
+    imagenet = FusionNet(imagenet_init=True, field_of_view=True)
+    frozen_signature = imagenet.feature_signature()
+    assert frozen_signature == "field-of-view-0.56"  # the key the ImageNet cache was built under
+    with torch.no_grad():
+        imagenet.backbone._blocks[15]._project_conv.weight.mul_(1.01)
+    tuned_signature = imagenet.feature_signature()
+    assert tuned_signature.startswith("field-of-view-0.56;backbone-")
+    assert tuned_signature != frozen_signature
