@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from monai_bundle.scripts.data import load_cases, split_by_group
+from monai_bundle.scripts.network import FusionNet
 from monai_bundle.scripts.transforms import load_rgb
 from plugin.cli import main
 from plugin.domain import Demographics, Source, Sourced
@@ -39,6 +40,28 @@ def test_smoke_training_is_reproducible_from_its_seed(tmp_path: Path, shared_dat
     assert all(torch.equal(first[k], second[k]) for k in first)
     shipped = torch.load(BUNDLE / "models" / "model.pt", weights_only=True)
     assert not torch.equal(first["classifier.4.weight"], shipped["classifier.4.weight"])
+    _assert_only_the_top_blocks_moved(first)
+
+
+def _assert_only_the_top_blocks_moved(trained: dict[str, torch.Tensor]) -> None:
+    """The recipe fine-tunes blocks from ``fine_tuned_from`` on; below, ImageNet's weights stay."""
+    options = json.loads((BUNDLE / "configs" / "train.json").read_text())["network_options"]
+    first = options["fine_tuned_from"]
+    imagenet = FusionNet(imagenet_init=True, **options).state_dict()
+    backbone = [k for k in imagenet if k.startswith("backbone.")]
+
+    def block(key: str) -> int | None:
+        parts = key.split(".")
+        return int(parts[2]) if parts[1] == "_blocks" else None
+
+    frozen = [k for k in backbone if (b := block(k)) is not None and b < first]
+    frozen += [k for k in backbone if k.startswith(("backbone._conv_stem.", "backbone._bn0."))]
+    assert all(torch.equal(trained[k], imagenet[k]) for k in frozen)
+    tuned = [f"backbone._blocks.{first}._project_conv.weight", "backbone._conv_head.weight"]
+    assert all(not torch.equal(trained[k], imagenet[k]) for k in tuned)
+    # BatchNorm statistics stay ImageNet's even in the tuned blocks (eval mode while training)
+    key = f"backbone._blocks.{first}._bn2.running_mean"
+    assert torch.equal(trained[key], imagenet[key])
 
 
 def _sourced(value: object) -> Sourced:
