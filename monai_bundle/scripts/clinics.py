@@ -1,10 +1,11 @@
 """Leave-one-clinic-out: the training recipe judged on a HAM10000 clinic it never saw.
 
 The model will be judged on images from hospitals that are not in ../shared/data. The four
-HAM10000 clinics (the ``dataset`` column) are the nearest stand-in: for each one, a fresh head is
-trained with the recipe of ``configs/train.json`` (same trainer, hyperparameters and seed) on every
-other case, ISIC 2020 included, and scored on the held-out clinic. The recipe picks its threshold
-on its own lesion/patient-disjoint validation split, so that split is kept, drawn from the cases
+HAM10000 clinics (the ``dataset`` column) are the nearest stand-in: for each one, a fresh model
+(head, and the top backbone blocks where the recipe fine-tunes them) is trained with the recipe of
+``configs/train.json`` (same trainer, hyperparameters and seed) on every other case, ISIC 2020
+included, and scored on the held-out clinic. The recipe picks its threshold on its own
+lesion/patient-disjoint validation split, so that split is kept, drawn from the cases
 outside the clinic. The unweighted mean of the four fusion AUCs is the single proxy number that new
 weights must beat. Writes ``leave_one_clinic_out.json`` and ``leave_one_clinic_out.md``.
 """
@@ -216,8 +217,9 @@ def markdown(report: dict[str, Any]) -> str:
         "# Leave-one-clinic-out (proxy for another hospital)",
         "",
         f"Recipe: `{report['train_config']}` (seed {recipe['seed']}, {recipe['epochs']} epochs, "
-        f"views {', '.join(recipe['views'])}). For each HAM10000 clinic, a fresh head is trained "
-        "on every other case (ISIC 2020 included) and scored on that clinic. Its threshold is the "
+        f"views {', '.join(recipe['views'])}). For each HAM10000 clinic, a fresh model (head, and "
+        "the top blocks where the recipe fine-tunes them) is trained on every other case "
+        "(ISIC 2020 included) and scored on that clinic. Its threshold is the "
         f"highest reaching {recipe['sensitivity_target']:.0%} sensitivity on the recipe's own "
         f"{recipe['val_fraction']:.0%} lesion/patient-disjoint validation split of the cases "
         "outside the clinic, never on the clinic. Image only: same network, metadata withheld. "

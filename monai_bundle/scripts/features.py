@@ -1,8 +1,9 @@
-"""Frozen-backbone image features, cached on disk so head training takes seconds.
+"""Backbone outputs cached on disk, so training runs on them instead of on images.
 
-Each view is a fixed dihedral transform of the preprocessed image (``network.VIEWS``). The cache
-holds one array per view and per tap (the head's 1280 features, or one block's pooled output),
-so heads that read different taps share one backbone pass.
+Each view is a fixed transform of the preprocessed image (``network.VIEWS``). ``image_features``
+holds one array per view and per tap (the head's 1280 features, or one block's pooled output), so
+heads that read different taps share one backbone pass. ``block_maps`` holds whole block outputs,
+the input of the top blocks when those are fine-tuned.
 """
 
 from __future__ import annotations

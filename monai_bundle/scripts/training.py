@@ -237,7 +237,8 @@ class FusionTrainer:
         return network.features_from_block(x, first, frozen)
 
     def fit_fresh_head(self, inputs: HeadInputs, is_train: np.ndarray) -> FusionNet:
-        """A new head trained by this recipe on the rows ``is_train`` selects (cross-validation).
+        """A new head (and top blocks, if fine-tuned) trained by this recipe on the rows
+        ``is_train`` selects (cross-validation).
 
         Same initialisation, seed and hyperparameters as ``run``; nothing is written to disk.
         """
