@@ -8,6 +8,7 @@ the input of the top blocks when those are fine-tuned.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -36,10 +37,14 @@ class _ImageFiles(Dataset[torch.Tensor]):
 
 
 def _channels_last(network: FusionNet) -> FusionNet:
-    """The network in eval mode and channels-last layout (faster on CPU), converted outside
-    inference mode so that its parameters stay trainable afterwards."""
+    """A copy of the network in eval mode and channels-last layout (faster on CPU).
+
+    A copy, because convolutions in the two layouts round differently: converting the caller's
+    network would make fine-tuning it depend on whether the cache was cold (same seed, other
+    weights).
+    """
     with torch.inference_mode(False):
-        return network.eval().to(memory_format=torch.channels_last)
+        return copy.deepcopy(network).eval().to(memory_format=torch.channels_last)
 
 
 def _cache_key(paths: Sequence[str], signature: str) -> str:
