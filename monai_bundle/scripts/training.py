@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from monai_bundle.scripts.network import VIEWS, FusionNet
 from monai_bundle.scripts.priors import fit_metadata_prior, isic_table
 
 log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image features, metadata, labels
 
 # Whose validation cases the Platt calibration is fitted on. ISIC 2020 rows are always reweighted
 # to the table's 2% prevalence; "all" adds the HAM10000 rows (about 8% melanoma) at weight 1.
@@ -201,14 +204,19 @@ class FusionTrainer:
     @torch.inference_mode()
     def _tuned_features(self, network: FusionNet, inputs: HeadInputs, view: str) -> np.ndarray:
         network.eval()
-        rows = np.arange(len(inputs.labels))
         chunks = [
-            self._view_features(
-                network, inputs, rows[i : i + 256], np.zeros(256, int), [view]
-            ).numpy()
-            for i in range(0, len(rows), 256)
+            np.arange(i, min(i + 256, len(inputs.labels)))
+            for i in range(0, len(inputs.labels), 256)
         ]
-        return np.concatenate(chunks)
+        only_view = [view]
+        return np.concatenate(
+            [
+                self._view_features(
+                    network, inputs, rows, np.zeros(len(rows), int), only_view
+                ).numpy()
+                for rows in chunks
+            ]
+        )
 
     def _view_features(
         self,
@@ -227,7 +235,7 @@ class FusionTrainer:
         width = {n: columns[n].stop - columns[n].start for n in frozen_taps}
         frozen = {n: torch.empty(len(rows), width[n]) for n in frozen_taps}
         for k, view in enumerate(views):
-            picked = np.flatnonzero(view_index[: len(rows)] == k)
+            picked = np.flatnonzero(view_index == k)
             if len(picked) == 0:
                 continue
             source = rows[picked]
@@ -257,20 +265,64 @@ class FusionTrainer:
         return Cases(frame.loc[sorted(picked)].reset_index(drop=True))
 
     def _fit_head(self, network: FusionNet, inputs: HeadInputs, is_train: np.ndarray) -> None:
-        features, metadata, labels = inputs.features, inputs.metadata, inputs.labels
         if inputs.prior_weight is not None:
             network.set_metadata_prior(inputs.prior_weight)
+        head = [*network.metadata_branch.parameters(), *network.classifier.parameters()]
+        metadata = torch.from_numpy(inputs.metadata)
+        labels = torch.from_numpy(inputs.labels)
         if self.fine_tuned_from is not None:
-            self._fine_tune(network, inputs, is_train)
+            rows = np.flatnonzero(is_train)
+
+            def fine_tuning_epoch(generator: torch.Generator) -> Iterator[Batch]:
+                """Every training image once, in one of the cached views drawn at random."""
+                order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+                view = torch.randint(len(self.views), (len(rows),), generator=generator).numpy()
+                for start in range(0, len(rows), self.batch_size):
+                    idx = order[start : start + self.batch_size]
+                    picked = view[start : start + self.batch_size]
+                    features = self._view_features(network, inputs, idx, picked, self.views)
+                    yield features, metadata[idx], labels[idx]
+
+            groups = [
+                (network.trainable_backbone_parameters(), self.backbone_learning_rate),
+                (head, self.learning_rate),
+            ]
+            self._optimise(network, groups, fine_tuning_epoch, len(rows), "fine-tuning")
             return
-        x = torch.from_numpy(np.concatenate([features[v][is_train] for v in self.views]))
-        m = torch.from_numpy(np.concatenate([metadata[is_train]] * len(self.views)))
-        y = torch.from_numpy(np.concatenate([labels[is_train]] * len(self.views)))
-        params = [*network.metadata_branch.parameters(), *network.classifier.parameters()]
-        optimiser = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-        steps_per_epoch = math.ceil(len(y) / self.batch_size)
+        x = torch.from_numpy(np.concatenate([inputs.features[v][is_train] for v in self.views]))
+        m = torch.cat([metadata[is_train]] * len(self.views))
+        y = torch.cat([labels[is_train]] * len(self.views))
+
+        def head_epoch(generator: torch.Generator) -> Iterator[Batch]:
+            """Every cached view of every training image once."""
+            order = torch.randperm(len(y), generator=generator)
+            for start in range(0, len(y), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yield x[idx], m[idx], y[idx]
+
+        self._optimise(network, [(head, self.learning_rate)], head_epoch, len(y), "fusion head")
+
+    def _optimise(
+        self,
+        network: FusionNet,
+        groups: list[tuple[list[nn.Parameter], float]],
+        epoch: Callable[[torch.Generator], Iterator[Batch]],
+        n: int,
+        description: str,
+    ) -> None:
+        """The one training loop: AdamW, one-cycle schedule, binary cross-entropy, metadata dropout.
+
+        ``groups`` pairs parameters with their peak learning rate; ``epoch`` yields one epoch's
+        batches of ``n`` rows in all, drawing their order from the seeded generator it is given.
+        """
+        optimiser = torch.optim.AdamW(
+            [{"params": params, "lr": lr} for params, lr in groups],
+            weight_decay=self.weight_decay,
+        )
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimiser, max_lr=self.learning_rate, total_steps=self.epochs * steps_per_epoch
+            optimiser,
+            max_lr=[lr for _, lr in groups],
+            total_steps=self.epochs * math.ceil(n / self.batch_size),
         )
         loss_fn = nn.BCEWithLogitsLoss()
         # Dropout draws from the global generator, which feature extraction may or may not have
@@ -278,65 +330,19 @@ class FusionTrainer:
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         network.train()
-        progress = tqdm(range(self.epochs), desc="fusion head", unit="epoch")
-        for _ in progress:
-            order = torch.randperm(len(y), generator=generator)
-            total = 0.0
-            for start in range(0, len(y), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                meta = drop_fields(m[idx], self.p_field_drop, self.p_all_drop, generator)
-                loss = loss_fn(network.head(x[idx], meta).squeeze(1), y[idx])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total += loss.item() * len(idx)
-            progress.set_postfix(loss=f"{total / len(y):.4f}")
-        network.eval()
-
-    def _fine_tune(self, network: FusionNet, inputs: HeadInputs, is_train: np.ndarray) -> None:
-        """Top blocks, metadata branch and head together; each epoch sees every training image
-        once, in one of the cached views drawn at random."""
-        rows = np.flatnonzero(is_train)
-        metadata = torch.from_numpy(inputs.metadata)
-        labels = torch.from_numpy(inputs.labels)
-        head = [*network.metadata_branch.parameters(), *network.classifier.parameters()]
-        backbone = network.trainable_backbone_parameters()
-        optimiser = torch.optim.AdamW(
-            [
-                {"params": backbone, "lr": self.backbone_learning_rate},
-                {"params": head, "lr": self.learning_rate},
-            ],
-            weight_decay=self.weight_decay,
-        )
-        steps_per_epoch = math.ceil(len(rows) / self.batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimiser,
-            max_lr=[self.backbone_learning_rate, self.learning_rate],
-            total_steps=self.epochs * steps_per_epoch,
-        )
-        loss_fn = nn.BCEWithLogitsLoss()
-        torch.manual_seed(self.seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        network.train()
         network.backbone.eval()  # ImageNet BatchNorm statistics, no drop-connect
-        progress = tqdm(range(self.epochs), desc="fine-tuning", unit="epoch")
+        progress = tqdm(range(self.epochs), desc=description, unit="epoch")
         for _ in progress:
-            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
-            view_index = torch.randint(len(self.views), (len(rows),), generator=generator).numpy()
             total = 0.0
-            for start in range(0, len(rows), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                views = view_index[start : start + self.batch_size]
-                features = self._view_features(network, inputs, idx, views, self.views)
-                meta = drop_fields(metadata[idx], self.p_field_drop, self.p_all_drop, generator)
-                loss = loss_fn(network.head(features, meta).squeeze(1), labels[idx])
+            for features, metadata, labels in epoch(generator):
+                meta = drop_fields(metadata, self.p_field_drop, self.p_all_drop, generator)
+                loss = loss_fn(network.head(features, meta).squeeze(1), labels)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                total += loss.item() * len(idx)
-            progress.set_postfix(loss=f"{total / len(rows):.4f}")
+                total += loss.item() * len(labels)
+            progress.set_postfix(loss=f"{total / n:.4f}")
         network.eval()
 
     @torch.inference_mode()
