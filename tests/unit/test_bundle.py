@@ -54,6 +54,23 @@ def test_model_card_quotes_the_committed_validation_metrics() -> None:
     assert "dermfusion train" in card
 
 
+def test_metadata_eval_metrics_are_the_committed_ones() -> None:
+    """The bundle's own summary must not go stale when new weights ship."""
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())["eval_metrics"]
+    metrics = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())
+    loco = BUNDLE / "docs" / "evaluation" / "leave_one_clinic_out.json"
+    subsets = metrics["subsets"]
+    assert meta == {
+        "val_auc_all": round(subsets["all"]["with_metadata"]["auc"], 3),
+        "val_auc_ham10000_lesion_disjoint": round(subsets["ham10000"]["with_metadata"]["auc"], 3),
+        "val_auc_isic2020_patient_disjoint": round(subsets["isic2020"]["with_metadata"]["auc"], 3),
+        "leave_one_clinic_out_proxy_auc": round(json.loads(loco.read_text())["proxy_auc"], 3),
+        "val_ece_isic2020_cross_fitted": round(
+            metrics["calibration"]["cross_fitted_ece"]["isic2020"]["with_metadata"], 3
+        ),
+    }
+
+
 def test_inference_builds_the_network_that_training_trains() -> None:
     """The two configs each spell out FusionNet's options (MONAI bundles keep configs
     self-contained); weights trained with one set and loaded into another would be wrong."""
