@@ -14,10 +14,33 @@ from plugin.domain import site_from_name
 
 ISIC_PREVALENCE = 540 / 29559  # melanoma share of the full ISIC 2020 table
 
+# One vocabulary for HAM10000's ``dx`` codes and ISIC 2020's ``diagnosis`` names, so the report can
+# say which benign lesions the model mistakes for melanoma. ISIC 2020's benign "unknown" rows were
+# not biopsied (clinical follow-up or consensus); they stay apart from the naevi.
+DIAGNOSES = {
+    "mel": "melanoma",
+    "melanoma": "melanoma",
+    "nv": "naevus",
+    "nevus": "naevus",
+    "atypical melanocytic proliferation": "naevus",
+    "bkl": "benign keratosis",
+    "seborrheic keratosis": "benign keratosis",
+    "lentigo NOS": "benign keratosis",
+    "solar lentigo": "benign keratosis",
+    "lichenoid keratosis": "benign keratosis",
+    "akiec": "actinic keratosis / Bowen's disease",
+    "bcc": "basal cell carcinoma",
+    "df": "dermatofibroma",
+    "vasc": "vascular lesion",
+    "cafe-au-lait macule": "other benign",
+    "unknown": "benign, unspecified",
+}
+
 
 @dataclass(frozen=True)
 class Cases:
-    """One row per image: path, label, metadata in model vocabulary, source and split group."""
+    """One row per image: path, label, metadata in model vocabulary, source, split group and
+    diagnosis (``DIAGNOSES`` vocabulary)."""
 
     frame: pd.DataFrame
 
@@ -53,6 +76,7 @@ def load_cases(data_root: str | Path) -> Cases:
                 source="ham10000",
                 group=f"ham:{r.lesion_id}",
                 clinic=r.dataset,
+                diagnosis=DIAGNOSES.get(r.dx, "other"),
             )
         )
     for r in isic.itertuples():
@@ -68,6 +92,7 @@ def load_cases(data_root: str | Path) -> Cases:
                 source="isic2020",
                 group=f"isic:{r.patient_id}",
                 clinic="isic2020",
+                diagnosis=DIAGNOSES.get(r.diagnosis, "other"),
             )
         )
     frame = pd.DataFrame(rows).sort_values("image_name", kind="stable").reset_index(drop=True)

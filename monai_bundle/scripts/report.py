@@ -2,7 +2,8 @@
 
 Writes ``metrics.json`` (AUC with intervals, sensitivity/specificity/PPV at the operating point,
 ECE, accuracy/F1/balanced accuracy on the natural balance and on a 1:1 resample), ``roc.png``,
-``reliability.png``, ``confusion.json``, ``subgroups.csv`` (sex, age band, site) and
+``reliability.png``, ``confusion.json``, ``subgroups.csv`` (sex, age band, site),
+``diagnoses.csv`` (what the operating point does to each benign diagnosis) and
 ``report.md`` with the ablation: fusion / image only (metadata withheld) / metadata only (a
 logistic regression on the 29,559-row ISIC 2020 table plus the HAM10000 training rows).
 ISIC 2020 rows are reweighted to the table's real melanoma prevalence wherever the class balance
@@ -104,6 +105,7 @@ class EvaluationReport:
         threshold = float(operating["threshold"])
         self.sensitivity_target = float(operating["sensitivity_target"])
         network, features, encoded = self._network_inputs(frame, is_val)
+        self.metadata_residual = network.metadata_residual
         probabilities = {
             **self._network_probabilities(network, features, encoded),
             "metadata_only": self._metadata_only(frame[~is_val], val),
@@ -155,6 +157,7 @@ class EvaluationReport:
             )
             metrics["subsets"][name] = entry
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics["diagnoses"] = self._diagnoses(val, probabilities["fusion"], threshold)
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self._confusion(labels, probabilities["fusion"], threshold, subsets, weights)
         self._subgroups(val, probabilities["fusion"], threshold)
@@ -303,6 +306,39 @@ class EvaluationReport:
                 )
         pd.DataFrame(rows).to_csv(self.output_dir / "subgroups.csv", index=False)
 
+    def _diagnoses(
+        self, val: pd.DataFrame, probabilities: np.ndarray, threshold: float
+    ) -> list[dict[str, Any]]:
+        """What the operating point does to each diagnosis: which benign lesions get flagged.
+
+        A benign diagnosis has no AUC of its own; its row ranks every validation melanoma against
+        that diagnosis alone, so a low value names the look-alike the model confuses most.
+        """
+        labels = val.label.to_numpy()
+        diagnoses = val.diagnosis.to_numpy()
+        melanoma = labels == 1
+        rows = []
+        for diagnosis in sorted(set(diagnoses[~melanoma]), key=lambda d: -(diagnoses == d).sum()):
+            mask = diagnoses == diagnosis
+            pair = melanoma | mask
+            auc = auc_with_interval(labels[pair], probabilities[pair], n_boot=200, seed=self.seed)
+            flagged = probabilities[mask] >= threshold
+            rows.append(
+                {
+                    "diagnosis": diagnosis,
+                    "n": int(mask.sum()),
+                    "ham10000": int((mask & (val.source == "ham10000").to_numpy()).sum()),
+                    "isic2020": int((mask & (val.source == "isic2020").to_numpy()).sum()),
+                    "flagged": int(flagged.sum()),
+                    "specificity": float(1 - flagged.mean()),
+                    "melanoma_vs_this_auc": auc["auc"],
+                    "auc_low": auc["auc_low"],
+                    "auc_high": auc["auc_high"],
+                }
+            )
+        pd.DataFrame(rows).to_csv(self.output_dir / "diagnoses.csv", index=False)
+        return rows
+
     def _plots(
         self,
         labels: np.ndarray,
@@ -396,11 +432,16 @@ class EvaluationReport:
         trained = json.loads((self.bundle_root / "models" / "validation_metrics.json").read_text())
         reference = trained.get("image_only_model", {})
         if reference:
+            how = (
+                "the network's own image path, which training fits first with every field "
+                "missing, so fusion with no metadata is this model by construction"
+                if self.metadata_residual
+                else "trained separately, alongside the shipped weights"
+            )
             lines += [
                 "",
-                "Against a separately trained image-only model (same recipe, metadata always "
-                "missing; trained with the shipped weights, `models/validation_metrics.json`), "
-                "paired bootstrap on the same images:",
+                "Against the image-only model (same recipe, metadata always missing; "
+                f"{how}; `models/validation_metrics.json`), paired bootstrap on the same images:",
                 "",
                 "| subset | image-only model AUC (95% CI) | fusion minus it | fusion with no "
                 "metadata minus it |",
@@ -439,7 +480,23 @@ class EvaluationReport:
             lines.append(f"| {name} | {value['auc_drop']:.4f} ± {value['sd']:.4f} |")
         lines += [
             "",
-            "Files: metrics.json, confusion.json, subgroups.csv, roc.png, reliability.png.",
+            "By diagnosis (fusion, all validation cases, at the shipped threshold): the share of "
+            "each benign diagnosis left unflagged, and the AUC of every validation melanoma "
+            "against that diagnosis alone.",
+            "",
+            "| diagnosis | n (HAM / ISIC) | flagged | specificity | melanoma vs it: AUC (95% CI) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for d in metrics["diagnoses"]:
+            lines.append(
+                f"| {d['diagnosis']} | {d['n']} ({d['ham10000']} / {d['isic2020']}) | "
+                f"{d['flagged']} | {d['specificity']:.3f} | {d['melanoma_vs_this_auc']:.3f} "
+                f"({d['auc_low']:.3f}-{d['auc_high']:.3f}) |"
+            )
+        lines += [
+            "",
+            "Files: metrics.json, confusion.json, subgroups.csv, diagnoses.csv, roc.png, "
+            "reliability.png.",
             "",
         ]
         (self.output_dir / "report.md").write_text("\n".join(lines))

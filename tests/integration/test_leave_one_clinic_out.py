@@ -78,6 +78,10 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
         assert entry["n_train"] + entry["n_threshold"] + entry["n"] == MAX_IMAGES
         assert 0 < entry["n_melanoma"] < entry["n"]
         assert 0 < entry["threshold"] <= 1
+        by_diagnosis = entry["fusion_specificity_by_diagnosis"]
+        assert "melanoma" not in by_diagnosis
+        benign = int((frame.clinic == clinic).sum()) - entry["n_melanoma"]
+        assert sum(d["n"] for d in by_diagnosis.values()) == benign
         for mode in ("fusion", "image_only"):
             m = entry[mode]
             assert 0 <= m["auc_low"] <= m["auc"] <= m["auc_high"] <= 1
