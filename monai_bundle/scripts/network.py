@@ -198,6 +198,12 @@ class FusionNet(nn.Module):
     (each with a missing indicator, see ``metadata.py``). ``head`` is exposed separately so
     training can run on cached features.
 
+    With ``metadata_residual`` the image decides first and the metadata only corrects it: an
+    image-only classifier gives the logit, and the metadata-aware classifier adds its output minus
+    its output for "nothing known". With every field missing the correction is exactly zero, so
+    the network without metadata *is* its image-only model and cannot be worse than it; training
+    fits the image path first, without metadata, then the correction on top.
+
     Two optional fixed parts are fitted outside gradient descent and stored as buffers:
     ``metadata_prior`` adds the log-odds that a logistic regression on the 29,559-row ISIC 2020
     table gives the known fields (zero when all are missing), and ``calibrated`` applies a Platt
@@ -220,6 +226,7 @@ class FusionNet(nn.Module):
         calibrated: bool = False,
         test_time_views: Sequence[str] = ("identity",),
         fine_tuned_from: int | None = None,
+        metadata_residual: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -255,13 +262,11 @@ class FusionNet(nn.Module):
             nn.Linear(metadata_hidden, metadata_hidden),
             nn.ReLU(),
         )
-        self.classifier = nn.Sequential(
-            nn.Dropout(dropout),
-            nn.Linear(self.image_feature_width + metadata_hidden, head_hidden),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(head_hidden, 1),
-        )
+        self.classifier = _mlp(self.image_feature_width + metadata_hidden, head_hidden, dropout)
+        self.metadata_residual = metadata_residual
+        if metadata_residual:
+            self.image_classifier = _mlp(self.image_feature_width, head_hidden, dropout)
+            self.register_buffer("nothing_known", torch.from_numpy(encode_missing(1)), False)
         self.metadata_prior = metadata_prior
         if metadata_prior:
             self.register_buffer("prior_weight", torch.zeros(metadata_width))
@@ -394,6 +399,12 @@ class FusionNet(nn.Module):
 
     def head(self, features: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
         logit = self.classifier(torch.cat([features, self.metadata_branch(metadata)], dim=1))
+        if self.metadata_residual:
+            nothing = self.nothing_known.expand(len(features), -1)
+            baseline = self.classifier(torch.cat([features, self.metadata_branch(nothing)], dim=1))
+            known = (metadata != nothing).any(dim=1, keepdim=True)
+            correction = torch.where(known, logit - baseline, torch.zeros_like(logit))
+            logit = self.image_classifier(features) + correction
         logit = logit + self.prior_logit(metadata)
         if self.calibrated:
             logit = self.calibration[0] * logit + self.calibration[1]
@@ -401,6 +412,17 @@ class FusionNet(nn.Module):
 
     def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
         return self.head(self.scoring_features(image), metadata)
+
+
+def _mlp(width: int, hidden: int, dropout: float) -> nn.Sequential:
+    """One hidden layer to a single logit, with dropout on both inputs."""
+    return nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(width, hidden),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, 1),
+    )
 
 
 def backbone_hash(backbone: nn.Module) -> str:

@@ -267,7 +267,37 @@ class FusionTrainer:
     def _fit_head(self, network: FusionNet, inputs: HeadInputs, is_train: np.ndarray) -> None:
         if inputs.prior_weight is not None:
             network.set_metadata_prior(inputs.prior_weight)
-        head = [*network.metadata_branch.parameters(), *network.classifier.parameters()]
+        fusion = [*network.metadata_branch.parameters(), *network.classifier.parameters()]
+        if not network.metadata_residual:
+            self._fit_jointly(network, inputs, is_train, fusion)
+            return
+        # the image path first, as the image-only model (with nothing known the metadata
+        # correction is exactly zero, so only the image path learns), then the correction on
+        # top of its settled features
+        blind = _without_metadata(inputs)
+        image_path = [*network.image_classifier.parameters()]
+        settled = [network.backbone, network.classifier, network.metadata_branch]
+        self._fit_jointly(network, blind, is_train, image_path, settled)
+        if self.fine_tuned_from is None:
+            features = inputs.features
+        else:
+            features = {v: self._tuned_features(network, inputs, v) for v in self.views}
+        settled = [network.backbone, network.image_classifier]
+        self._fit_on_features(network, features, inputs, is_train, fusion, settled)
+
+    def _fit_jointly(
+        self,
+        network: FusionNet,
+        inputs: HeadInputs,
+        is_train: np.ndarray,
+        head: list[nn.Parameter],
+        settled: list[nn.Module] | None = None,
+    ) -> None:
+        """``head`` and, where the recipe fine-tunes, the top blocks, trained together.
+
+        ``settled`` modules stay in eval mode (default: the backbone, see ``_optimise``).
+        """
+        settled = settled or [network.backbone]
         metadata = torch.from_numpy(inputs.metadata)
         labels = torch.from_numpy(inputs.labels)
         if self.fine_tuned_from is not None:
@@ -287,11 +317,23 @@ class FusionTrainer:
                 (network.trainable_backbone_parameters(), self.backbone_learning_rate),
                 (head, self.learning_rate),
             ]
-            self._optimise(network, groups, fine_tuning_epoch, len(rows), "fine-tuning")
+            self._optimise(network, groups, fine_tuning_epoch, len(rows), "fine-tuning", settled)
             return
-        x = torch.from_numpy(np.concatenate([inputs.features[v][is_train] for v in self.views]))
-        m = torch.cat([metadata[is_train]] * len(self.views))
-        y = torch.cat([labels[is_train]] * len(self.views))
+        self._fit_on_features(network, inputs.features, inputs, is_train, head, settled)
+
+    def _fit_on_features(
+        self,
+        network: FusionNet,
+        features: dict[str, np.ndarray],
+        inputs: HeadInputs,
+        is_train: np.ndarray,
+        head: list[nn.Parameter],
+        settled: list[nn.Module],
+    ) -> None:
+        """``head`` alone on fixed per-view ``features``; ``settled`` modules stay in eval mode."""
+        x = torch.from_numpy(np.concatenate([features[v][is_train] for v in self.views]))
+        m = torch.from_numpy(np.concatenate([inputs.metadata[is_train]] * len(self.views)))
+        y = torch.from_numpy(np.concatenate([inputs.labels[is_train]] * len(self.views)))
 
         def head_epoch(generator: torch.Generator) -> Iterator[Batch]:
             """Every cached view of every training image once."""
@@ -300,7 +342,8 @@ class FusionTrainer:
                 idx = order[start : start + self.batch_size]
                 yield x[idx], m[idx], y[idx]
 
-        self._optimise(network, [(head, self.learning_rate)], head_epoch, len(y), "fusion head")
+        groups = [(head, self.learning_rate)]
+        self._optimise(network, groups, head_epoch, len(y), "fusion head", settled)
 
     def _optimise(
         self,
@@ -309,11 +352,14 @@ class FusionTrainer:
         epoch: Callable[[torch.Generator], Iterator[Batch]],
         n: int,
         description: str,
+        settled: list[nn.Module] | None = None,
     ) -> None:
         """The one training loop: AdamW, one-cycle schedule, binary cross-entropy, metadata dropout.
 
         ``groups`` pairs parameters with their peak learning rate; ``epoch`` yields one epoch's
         batches of ``n`` rows in all, drawing their order from the seeded generator it is given.
+        ``settled`` modules (default: the backbone) stay in eval mode: ImageNet BatchNorm
+        statistics, no drop-connect, no dropout in a path trained before.
         """
         optimiser = torch.optim.AdamW(
             [{"params": params, "lr": lr} for params, lr in groups],
@@ -330,7 +376,8 @@ class FusionTrainer:
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         network.train()
-        network.backbone.eval()  # ImageNet BatchNorm statistics, no drop-connect
+        for module in settled or [network.backbone]:
+            module.eval()
         progress = tqdm(range(self.epochs), desc=description, unit="epoch")
         for _ in progress:
             total = 0.0
@@ -473,22 +520,21 @@ class FusionTrainer:
         any: this one answers "does fusion beat image only" and "is fusion with nothing known
         worse than image only", paired on the same validation images.
         """
-        blind = HeadInputs(
-            inputs.cases,
-            inputs.features,
-            encode_missing(len(inputs.labels)),
-            inputs.labels,
-            None,
-            inputs.maps,
-        )
-        reference = self.fresh_network()
-        self._fit_head(reference, blind, ~is_val)
-        reference_scoring = self.scoring_features(blind, reference)
         frame = inputs.cases.frame
         labels = frame.label.to_numpy()
         none = encode_missing(len(frame))
+        if fusion.metadata_residual:
+            # the same recipe with every field missing trains exactly the image path that
+            # fusion trains first (same seed, same draws): the image-only model is inside it, and
+            # the Platt scale on top is monotone, so its AUC is that model's
+            image_only = self._logits(fusion, scoring, none)
+        else:
+            reference = self.fresh_network()
+            blind = _without_metadata(inputs)
+            self._fit_head(reference, blind, ~is_val)
+            image_only = self._logits(reference, self.scoring_features(blind, reference), none)
         scores = {
-            "image_only_model": self._logits(reference, reference_scoring, none),
+            "image_only_model": image_only,
             "fusion": self._logits(fusion, scoring, inputs.metadata),
             "fusion_no_metadata": self._logits(fusion, scoring, none),
         }
@@ -527,6 +573,12 @@ class FusionTrainer:
             "wrote model.pt, operating_point.json and validation_metrics.json to %s",
             self.output_dir,
         )
+
+
+def _without_metadata(inputs: HeadInputs) -> HeadInputs:
+    """The same cases with every field missing and no prior: what an image-only model sees."""
+    none = encode_missing(len(inputs.labels))
+    return HeadInputs(inputs.cases, inputs.features, none, inputs.labels, None, inputs.maps)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

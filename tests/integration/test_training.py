@@ -10,8 +10,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from monai_bundle.scripts.data import load_cases, split_by_group
+from monai_bundle.scripts.data import DIAGNOSES, load_cases, split_by_group
 from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.training import FusionTrainer, _without_metadata
 from monai_bundle.scripts.transforms import load_rgb
 from plugin.cli import main
 from plugin.domain import Demographics, Source, Sourced
@@ -43,6 +44,43 @@ def test_smoke_training_is_reproducible_from_its_seed(tmp_path: Path, shared_dat
     _assert_only_the_top_blocks_moved(first)
 
 
+def test_metadata_residual_trains_the_image_only_model_first(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """With ``metadata_residual``, fusion with nothing known is the image-only model, bit for bit.
+
+    The image-only model is what the same recipe trains when every field is always missing.
+    """
+    config = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    recipe = config["trainer"]
+    trainer = FusionTrainer(
+        data_root=str(shared_data),
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        seed=config["seed"],
+        val_fraction=recipe["val_fraction"],
+        epochs=2,
+        batch_size=recipe["batch_size"],
+        views=recipe["views"],
+        max_images=48,
+        network={**config["network_options"], "metadata_residual": True},
+        calibrate_on=config["calibrate_on"],
+    )
+    report = trainer.run()
+    fusion = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    cases = trainer._subsample(load_cases(shared_data))
+    is_val = split_by_group(cases, recipe["val_fraction"], config["seed"])
+    blind = _without_metadata(trainer.head_inputs(cases))
+    image_only = trainer.fit_fresh_head(blind, ~is_val).state_dict()
+    image_path = [k for k in fusion if k.startswith(("backbone.", "image_classifier."))]
+    assert all(torch.equal(fusion[k], image_only[k]) for k in image_path)
+    # the correction on top did learn something from the metadata
+    assert not torch.equal(fusion["classifier.4.weight"], image_only["classifier.4.weight"])
+    _assert_only_the_top_blocks_moved(fusion)
+    for subset in report["image_only_model"].values():
+        assert subset["fusion_no_metadata_minus_image_only_model"]["difference"] == 0.0
+
+
 def _assert_only_the_top_blocks_moved(trained: dict[str, torch.Tensor]) -> None:
     """The recipe fine-tunes blocks from ``fine_tuned_from`` on; below, ImageNet's weights stay."""
     options = json.loads((BUNDLE / "configs" / "train.json").read_text())["network_options"]
@@ -62,6 +100,14 @@ def _assert_only_the_top_blocks_moved(trained: dict[str, torch.Tensor]) -> None:
     # BatchNorm statistics stay ImageNet's even in the tuned blocks (eval mode while training)
     key = f"backbone._blocks.{first}._bn2.running_mean"
     assert torch.equal(trained[key], imagenet[key])
+
+
+def test_every_diagnosis_of_the_real_tables_has_a_name_and_agrees_with_the_label(
+    shared_data: Path,
+) -> None:
+    frame = load_cases(shared_data).frame
+    assert set(frame.diagnosis) <= set(DIAGNOSES.values())
+    assert ((frame.diagnosis == "melanoma") == (frame.label == 1)).all()
 
 
 def _sourced(value: object) -> Sourced:
@@ -114,5 +160,14 @@ def test_evaluate_writes_the_report_and_agrees_with_training(
     subgroups = (out / "subgroups.csv").read_text().splitlines()
     assert subgroups[0].startswith("variable,value,n,n_melanoma,auc")
     assert any(line.startswith("sex,female,") for line in subgroups)
+    # every benign validation case is in exactly one diagnosis row, and the flagged ones are the
+    # confusion matrix's false positives
+    diagnoses = metrics["diagnoses"]
+    assert "melanoma" not in {d["diagnosis"] for d in diagnoses}
+    benign = confusion["true_negative"] + confusion["false_positive"]
+    assert sum(d["n"] for d in diagnoses) == benign
+    assert sum(d["flagged"] for d in diagnoses) == confusion["false_positive"]
+    assert all(d["ham10000"] + d["isic2020"] == d["n"] for d in diagnoses)
+    assert (out / "diagnoses.csv").read_text().startswith("diagnosis,n,ham10000,isic2020,flagged")
     committed = (BUNDLE / "docs" / "evaluation" / "report.md").read_text()
     assert (out / "report.md").read_text() == committed

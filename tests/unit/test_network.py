@@ -102,6 +102,25 @@ def test_metadata_prior_shifts_the_logit_only_for_known_fields() -> None:
     torch.testing.assert_close(restored.prior_weight, torch.from_numpy(weight))
 
 
+def test_with_metadata_residual_nothing_known_is_exactly_the_image_only_classifier() -> None:
+    torch.manual_seed(0)
+    network = FusionNet(metadata_residual=True, metadata_prior=True).eval()
+    network.set_metadata_prior(np.linspace(-1, 1, METADATA_WIDTH).astype(np.float32))
+    features = torch.randn(3, network.image_feature_width)
+    missing = torch.from_numpy(encode_missing(3))
+    known = torch.from_numpy(np.stack([encode_metadata(70.0, "male", "torso")] * 3))
+    with torch.no_grad():
+        image_only = network.image_classifier(features)
+        assert torch.equal(network.head(features, missing), image_only)
+        # known fields do move it: through the correction and the prior
+        assert (network.head(features, known) - image_only).abs().min() > 1e-3
+        # the correction is a function of the image too, not one shift for every image
+        correction = network.head(features, known) - image_only - network.prior_logit(known)
+        assert correction.std() > 1e-4
+    assert "image_classifier.4.weight" in network.state_dict()
+    assert "image_classifier.4.weight" not in FusionNet().state_dict()
+
+
 def test_calibration_is_a_stored_affine_map_of_the_logit() -> None:
     torch.manual_seed(0)
     network = FusionNet(calibrated=True).eval()
