@@ -105,7 +105,6 @@ class EvaluationReport:
         threshold = float(operating["threshold"])
         self.sensitivity_target = float(operating["sensitivity_target"])
         network, features, encoded = self._network_inputs(frame, is_val)
-        self.metadata_residual = network.metadata_residual
         probabilities = {
             **self._network_probabilities(network, features, encoded),
             "metadata_only": self._metadata_only(frame[~is_val], val),
@@ -162,7 +161,7 @@ class EvaluationReport:
         self._confusion(labels, probabilities["fusion"], threshold, subsets, weights)
         self._subgroups(val, probabilities["fusion"], threshold)
         self._plots(labels, probabilities, subsets, weights)
-        self._markdown(metrics)
+        self._markdown(metrics, network.metadata_residual)
         log.info("evaluation report written to %s", self.output_dir)
         return metrics
 
@@ -390,7 +389,7 @@ class EvaluationReport:
         fig.savefig(self.output_dir / "reliability.png", dpi=100)
         plt.close(fig)
 
-    def _markdown(self, metrics: dict[str, Any]) -> None:
+    def _markdown(self, metrics: dict[str, Any], metadata_residual: bool) -> None:
         lines = [
             "# Evaluation of the shipped weights",
             "",
@@ -435,7 +434,7 @@ class EvaluationReport:
             how = (
                 "the network's own image path, which training fits first with every field "
                 "missing, so fusion with no metadata is this model by construction"
-                if self.metadata_residual
+                if metadata_residual
                 else "trained separately, alongside the shipped weights"
             )
             lines += [

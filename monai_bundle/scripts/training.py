@@ -352,13 +352,13 @@ class FusionTrainer:
         epoch: Callable[[torch.Generator], Iterator[Batch]],
         n: int,
         description: str,
-        settled: list[nn.Module] | None = None,
+        settled: list[nn.Module],
     ) -> None:
         """The one training loop: AdamW, one-cycle schedule, binary cross-entropy, metadata dropout.
 
         ``groups`` pairs parameters with their peak learning rate; ``epoch`` yields one epoch's
         batches of ``n`` rows in all, drawing their order from the seeded generator it is given.
-        ``settled`` modules (default: the backbone) stay in eval mode: ImageNet BatchNorm
+        ``settled`` modules (at least the backbone) stay in eval mode: ImageNet BatchNorm
         statistics, no drop-connect, no dropout in a path trained before.
         """
         optimiser = torch.optim.AdamW(
@@ -376,7 +376,7 @@ class FusionTrainer:
         torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         network.train()
-        for module in settled or [network.backbone]:
+        for module in settled:
             module.eval()
         progress = tqdm(range(self.epochs), desc=description, unit="epoch")
         for _ in progress:
