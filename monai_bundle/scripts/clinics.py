@@ -25,6 +25,7 @@ from monai_bundle.scripts.data import Cases, load_cases, split_by_group
 from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     operating_point,
+    specificity_by_diagnosis,
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.metadata import encode_missing
@@ -83,22 +84,6 @@ def stratified_subset(cases: Cases, max_images: int, seed: int) -> Cases:
         rows = frame.index[(frame.clinic == clinic) & (frame.label == label)].to_numpy()
         picked += rng.choice(rows, min(len(rows), per_stratum), replace=False).tolist()
     return Cases(frame.loc[sorted(picked)].reset_index(drop=True))
-
-
-def _specificity_by_diagnosis(
-    frame: Any, probabilities: np.ndarray, threshold: float
-) -> dict[str, dict[str, float]]:
-    """Share of each benign diagnosis left unflagged: which look-alikes a clinic's case mix adds."""
-    out: dict[str, dict[str, float]] = {}
-    benign = (frame.label == 0).to_numpy()
-    diagnoses = frame.diagnosis.to_numpy()
-    for diagnosis in sorted(set(diagnoses[benign])):
-        mask = diagnoses == diagnosis
-        out[str(diagnosis)] = {
-            "n": int(mask.sum()),
-            "specificity": float((probabilities[mask] < threshold).mean()),
-        }
-    return out
 
 
 class LeaveOneClinicOut:
@@ -200,8 +185,11 @@ class LeaveOneClinicOut:
                     "specificity": point["specificity"],
                     "ppv": point["ppv"],
                 }
-            entry["fusion_specificity_by_diagnosis"] = _specificity_by_diagnosis(
-                frame[held_out], probabilities["fusion"][held_out], threshold
+            entry["fusion_specificity_by_diagnosis"] = specificity_by_diagnosis(
+                frame.diagnosis.to_numpy()[held_out],
+                labels[held_out],
+                probabilities["fusion"][held_out],
+                threshold,
             )
             report["clinics"][clinic] = entry
             log.info(

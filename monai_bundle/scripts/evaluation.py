@@ -98,6 +98,26 @@ def operating_point(
     }
 
 
+def specificity_by_diagnosis(
+    diagnoses: np.ndarray, labels: np.ndarray, probabilities: np.ndarray, threshold: float
+) -> dict[str, dict[str, float]]:
+    """Per benign diagnosis (by name): n, how many the threshold flags, and the specificity left.
+
+    A single specificity hides which look-alikes a case mix adds to the false positives.
+    """
+    out: dict[str, dict[str, float]] = {}
+    benign = labels == 0
+    for diagnosis in sorted(set(diagnoses[benign])):
+        mask = benign & (diagnoses == diagnosis)
+        flagged = int((probabilities[mask] >= threshold).sum())
+        out[str(diagnosis)] = {
+            "n": int(mask.sum()),
+            "flagged": flagged,
+            "specificity": 1.0 - flagged / int(mask.sum()),
+        }
+    return out
+
+
 def expected_calibration_error(
     labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None, bins: int = 10
 ) -> float:

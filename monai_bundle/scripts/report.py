@@ -35,6 +35,7 @@ from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     expected_calibration_error,
     operating_point,
+    specificity_by_diagnosis,
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.features import image_features
@@ -316,20 +317,20 @@ class EvaluationReport:
         labels = val.label.to_numpy()
         diagnoses = val.diagnosis.to_numpy()
         melanoma = labels == 1
+        by_diagnosis = specificity_by_diagnosis(diagnoses, labels, probabilities, threshold)
         rows = []
-        for diagnosis in sorted(set(diagnoses[~melanoma]), key=lambda d: -(diagnoses == d).sum()):
+        for diagnosis, point in sorted(by_diagnosis.items(), key=lambda item: -item[1]["n"]):
             mask = diagnoses == diagnosis
             pair = melanoma | mask
             auc = auc_with_interval(labels[pair], probabilities[pair], n_boot=200, seed=self.seed)
-            flagged = probabilities[mask] >= threshold
             rows.append(
                 {
                     "diagnosis": diagnosis,
-                    "n": int(mask.sum()),
+                    "n": point["n"],
                     "ham10000": int((mask & (val.source == "ham10000").to_numpy()).sum()),
                     "isic2020": int((mask & (val.source == "isic2020").to_numpy()).sum()),
-                    "flagged": int(flagged.sum()),
-                    "specificity": float(1 - flagged.mean()),
+                    "flagged": point["flagged"],
+                    "specificity": point["specificity"],
                     "melanoma_vs_this_auc": auc["auc"],
                     "auc_low": auc["auc_low"],
                     "auc_high": auc["auc_high"],

@@ -10,6 +10,7 @@ from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     expected_calibration_error,
     operating_point,
+    specificity_by_diagnosis,
     threshold_for_sensitivity,
 )
 
@@ -54,3 +55,13 @@ def test_ece_is_zero_for_calibrated_bins_and_counts_weights() -> None:
     # weighting the negatives 3x moves the bin's observed rate to 1/10: ECE 0.15
     weights = np.where(labels == 0, 3.0, 1.0)
     assert expected_calibration_error(labels, probabilities, weights) == pytest.approx(0.15)
+
+
+def test_specificity_by_diagnosis_counts_each_benign_diagnosis_apart() -> None:
+    diagnoses = np.array(["melanoma", "naevus", "naevus", "naevus", "naevus", "bcc", "bcc"])
+    labels = np.array([1, 0, 0, 0, 0, 0, 0])
+    probabilities = np.array([0.9, 0.1, 0.2, 0.5, 0.7, 0.6, 0.4])
+    by = specificity_by_diagnosis(diagnoses, labels, probabilities, threshold=0.5)
+    assert list(by) == ["bcc", "naevus"]  # benign only, by name
+    assert by["naevus"] == {"n": 4, "flagged": 2, "specificity": 0.5}  # 0.5 is flagged (>=)
+    assert by["bcc"] == {"n": 2, "flagged": 1, "specificity": 0.5}
