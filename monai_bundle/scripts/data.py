@@ -36,6 +36,22 @@ DIAGNOSES = {
     "unknown": "benign, unspecified",
 }
 
+# The diagnoses an auxiliary head learns to tell apart (``FusionNet(diagnosis_classes=...)``):
+# each one histologically or clinically named. "benign, unspecified" (ISIC 2020's unbiopsied rows)
+# is no class: it names the dataset more than the lesion, and teaching the features to recognise
+# the dataset is the shortcut leave-one-clinic-out punishes.
+DIAGNOSIS_CLASSES = (
+    "melanoma",
+    "naevus",
+    "benign keratosis",
+    "actinic keratosis / Bowen's disease",
+    "basal cell carcinoma",
+    "dermatofibroma",
+    "vascular lesion",
+    "other benign",
+)
+NO_DIAGNOSIS_CLASS = -100  # torch's cross-entropy ignore_index: the row teaches the head nothing
+
 
 @dataclass(frozen=True)
 class Cases:
@@ -112,6 +128,12 @@ def encode_frame(frame: pd.DataFrame) -> np.ndarray:
             for r in frame.itertuples()
         ]
     )
+
+
+def diagnosis_targets(frame: pd.DataFrame) -> np.ndarray:
+    """Index into ``DIAGNOSIS_CLASSES`` per row, ``NO_DIAGNOSIS_CLASS`` where none is named."""
+    index = {name: i for i, name in enumerate(DIAGNOSIS_CLASSES)}
+    return np.array([index.get(d, NO_DIAGNOSIS_CLASS) for d in frame["diagnosis"]], dtype=np.int64)
 
 
 def split_by_group(cases: Cases, val_fraction: float, seed: int) -> np.ndarray:

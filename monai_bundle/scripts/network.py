@@ -204,6 +204,11 @@ class FusionNet(nn.Module):
     the network without metadata *is* its image-only model and cannot be worse than it; training
     fits the image path first, without metadata, then the correction on top.
 
+    With ``diagnosis_classes`` a second head names the diagnosis (``data.DIAGNOSIS_CLASSES``) from
+    the same image features. It is trained alongside, never read when scoring: its task pushes
+    the fine-tuned blocks to tell keratoses, carcinomas and naevi apart, the benign lesions the
+    melanoma logit confuses.
+
     Two optional fixed parts are fitted outside gradient descent and stored as buffers:
     ``metadata_prior`` adds the log-odds that a logistic regression on the 29,559-row ISIC 2020
     table gives the known fields (zero when all are missing), and ``calibrated`` applies a Platt
@@ -227,6 +232,7 @@ class FusionNet(nn.Module):
         test_time_views: Sequence[str] = ("identity",),
         fine_tuned_from: int | None = None,
         metadata_residual: bool = False,
+        diagnosis_classes: int = 0,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -267,6 +273,11 @@ class FusionNet(nn.Module):
         if metadata_residual:
             self.image_classifier = _mlp(self.image_feature_width, head_hidden, dropout)
             self.register_buffer("nothing_known", torch.from_numpy(encode_missing(1)), False)
+        self.diagnosis_classes = diagnosis_classes
+        if diagnosis_classes:
+            self.diagnosis_classifier = _mlp(
+                self.image_feature_width, head_hidden, dropout, diagnosis_classes
+            )
         self.metadata_prior = metadata_prior
         if metadata_prior:
             self.register_buffer("prior_weight", torch.zeros(metadata_width))
@@ -410,18 +421,24 @@ class FusionNet(nn.Module):
             logit = self.calibration[0] * logit + self.calibration[1]
         return logit
 
+    def diagnosis_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits over ``data.DIAGNOSIS_CLASSES`` from image features (an auxiliary task)."""
+        if not self.diagnosis_classes:
+            raise ValueError("this FusionNet was built without diagnosis_classes")
+        return self.diagnosis_classifier(features)
+
     def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
         return self.head(self.scoring_features(image), metadata)
 
 
-def _mlp(width: int, hidden: int, dropout: float) -> nn.Sequential:
-    """One hidden layer to a single logit, with dropout on both inputs."""
+def _mlp(width: int, hidden: int, dropout: float, outputs: int = 1) -> nn.Sequential:
+    """One hidden layer to ``outputs`` logits, with dropout on both inputs."""
     return nn.Sequential(
         nn.Dropout(dropout),
         nn.Linear(width, hidden),
         nn.ReLU(),
         nn.Dropout(dropout),
-        nn.Linear(hidden, 1),
+        nn.Linear(hidden, outputs),
     )
 
 

@@ -25,7 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from monai_bundle.scripts.data import (
+    DIAGNOSIS_CLASSES,
+    NO_DIAGNOSIS_CLASS,
     Cases,
+    diagnosis_targets,
     encode_frame,
     isic_patients,
     isic_weights,
@@ -46,7 +49,8 @@ from monai_bundle.scripts.priors import fit_metadata_prior, isic_table
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image features, metadata, labels
+# image features, metadata, melanoma labels, diagnosis targets
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 # Whose validation cases the Platt calibration is fitted on. ISIC 2020 rows are always reweighted
 # to the table's 2% prevalence; "all" adds the HAM10000 rows (about 8% melanoma) at weight 1.
@@ -62,6 +66,7 @@ class HeadInputs:
     features: dict[str, np.ndarray]
     metadata: np.ndarray
     labels: np.ndarray
+    diagnoses: np.ndarray  # ``diagnosis_targets``: index into DIAGNOSIS_CLASSES or none
     prior_weight: np.ndarray | None
     maps: dict[str, np.ndarray] | None = None  # per view: output of block fine_tuned_from - 1
 
@@ -91,6 +96,7 @@ class FusionTrainer:
         weight_decay: float = 1e-4,
         p_field_drop: float = 0.3,
         p_all_drop: float = 0.2,
+        diagnosis_loss_weight: float = 0.0,
         sensitivity_target: float = 0.95,
         max_images: int | None = None,
         views: list[str] | None = None,
@@ -113,6 +119,14 @@ class FusionTrainer:
         self.weight_decay = weight_decay
         self.p_field_drop = p_field_drop
         self.p_all_drop = p_all_drop
+        classes = (network or {}).get("diagnosis_classes", 0)
+        if classes not in (0, len(DIAGNOSIS_CLASSES)):
+            raise ValueError(f"diagnosis_classes must be 0 or {len(DIAGNOSIS_CLASSES)}")
+        if bool(classes) != (diagnosis_loss_weight > 0):
+            # a diagnosis head without its loss would ship untrained weights, and the loss
+            # needs the head
+            raise ValueError("diagnosis_loss_weight > 0 if and only if diagnosis_classes is set")
+        self.diagnosis_loss_weight = diagnosis_loss_weight
         self.sensitivity_target = sensitivity_target
         self.max_images = max_images
         self.views = list(views or VIEWS)
@@ -154,6 +168,10 @@ class FusionTrainer:
         calibration = self._calibrate(network, scoring, inputs.metadata, frame, is_val)
         report = self._validate(network, scoring, inputs.metadata, frame, is_val)
         report["image_only_model"] = self._image_only_ablation(inputs, scoring, network, is_val)
+        if network.diagnosis_classes:
+            report["diagnosis_head"] = _diagnosis_validation(
+                network, scoring[is_val], inputs.diagnoses[is_val]
+            )
         if calibration is not None:
             report["calibration"] = calibration
         self._save(network, report)
@@ -179,13 +197,14 @@ class FusionTrainer:
             maps = {view: cached[(view, below)] for view in self.views}
         metadata = encode_frame(frame)
         labels = frame.label.to_numpy().astype(np.float32)
+        diagnoses = diagnosis_targets(frame)
         prior = None
         if self.network_options.get("metadata_prior"):
             # never learn the prior from a patient whose images validate this recipe
             is_val = split_by_group(cases, self.val_fraction, self.seed)
             held_out = isic_patients(frame.group[is_val])
             prior = fit_metadata_prior(isic_table(self.data_root, held_out), self.seed)
-        return HeadInputs(cases, features, metadata, labels, prior, maps)
+        return HeadInputs(cases, features, metadata, labels, diagnoses, prior, maps)
 
     def scoring_features(self, inputs: HeadInputs, network: FusionNet) -> np.ndarray:
         """Features as scoring sees them: averaged over the test-time views.
@@ -268,14 +287,17 @@ class FusionTrainer:
         if inputs.prior_weight is not None:
             network.set_metadata_prior(inputs.prior_weight)
         fusion = [*network.metadata_branch.parameters(), *network.classifier.parameters()]
+        diagnosis = (
+            [*network.diagnosis_classifier.parameters()] if network.diagnosis_classes else []
+        )
         if not network.metadata_residual:
-            self._fit_jointly(network, inputs, is_train, fusion)
+            self._fit_jointly(network, inputs, is_train, fusion + diagnosis)
             return
         # the image path first, as the image-only model (with nothing known the metadata
         # correction is exactly zero, so only the image path learns), then the correction on
         # top of its settled features
         blind = _without_metadata(inputs)
-        image_path = [*network.image_classifier.parameters()]
+        image_path = [*network.image_classifier.parameters(), *diagnosis]
         settled = [network.backbone, network.classifier, network.metadata_branch]
         self._fit_jointly(network, blind, is_train, image_path, settled)
         if self.fine_tuned_from is None:
@@ -300,6 +322,7 @@ class FusionTrainer:
         settled = settled or [network.backbone]
         metadata = torch.from_numpy(inputs.metadata)
         labels = torch.from_numpy(inputs.labels)
+        diagnoses = torch.from_numpy(inputs.diagnoses)
         if self.fine_tuned_from is not None:
             rows = np.flatnonzero(is_train)
 
@@ -311,7 +334,7 @@ class FusionTrainer:
                     idx = order[start : start + self.batch_size]
                     picked = view[start : start + self.batch_size]
                     features = self._view_features(network, inputs, idx, picked, self.views)
-                    yield features, metadata[idx], labels[idx]
+                    yield features, metadata[idx], labels[idx], diagnoses[idx]
 
             groups = [
                 (network.trainable_backbone_parameters(), self.backbone_learning_rate),
@@ -334,13 +357,14 @@ class FusionTrainer:
         x = torch.from_numpy(np.concatenate([features[v][is_train] for v in self.views]))
         m = torch.from_numpy(np.concatenate([inputs.metadata[is_train]] * len(self.views)))
         y = torch.from_numpy(np.concatenate([inputs.labels[is_train]] * len(self.views)))
+        d = torch.from_numpy(np.concatenate([inputs.diagnoses[is_train]] * len(self.views)))
 
         def head_epoch(generator: torch.Generator) -> Iterator[Batch]:
             """Every cached view of every training image once."""
             order = torch.randperm(len(y), generator=generator)
             for start in range(0, len(y), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                yield x[idx], m[idx], y[idx]
+                yield x[idx], m[idx], y[idx], d[idx]
 
         groups = [(head, self.learning_rate)]
         self._optimise(network, groups, head_epoch, len(y), "fusion head", settled)
@@ -355,6 +379,9 @@ class FusionTrainer:
         settled: list[nn.Module],
     ) -> None:
         """The one training loop: AdamW, one-cycle schedule, binary cross-entropy, metadata dropout.
+
+        Where ``groups`` hold the diagnosis head, its cross-entropy (rows with a named diagnosis
+        only) is added at ``diagnosis_loss_weight``.
 
         ``groups`` pairs parameters with their peak learning rate; ``epoch`` yields one epoch's
         batches of ``n`` rows in all, drawing their order from the seeded generator it is given.
@@ -371,6 +398,11 @@ class FusionTrainer:
             total_steps=self.epochs * math.ceil(n / self.batch_size),
         )
         loss_fn = nn.BCEWithLogitsLoss()
+        diagnosis_loss = nn.CrossEntropyLoss(ignore_index=NO_DIAGNOSIS_CLASS)
+        optimised = {id(p) for params, _ in groups for p in params}
+        teach_diagnosis = bool(network.diagnosis_classes) and all(
+            id(p) in optimised for p in network.diagnosis_classifier.parameters()
+        )
         # Dropout draws from the global generator, which feature extraction may or may not have
         # used (cache miss or hit): re-seed so the weights depend on the seed alone.
         torch.manual_seed(self.seed)
@@ -381,9 +413,12 @@ class FusionTrainer:
         progress = tqdm(range(self.epochs), desc=description, unit="epoch")
         for _ in progress:
             total = 0.0
-            for features, metadata, labels in epoch(generator):
+            for features, metadata, labels, diagnoses in epoch(generator):
                 meta = drop_fields(metadata, self.p_field_drop, self.p_all_drop, generator)
                 loss = loss_fn(network.head(features, meta).squeeze(1), labels)
+                if teach_diagnosis and bool((diagnoses != NO_DIAGNOSIS_CLASS).any()):
+                    named = diagnosis_loss(network.diagnosis_logits(features), diagnoses)
+                    loss = loss + self.diagnosis_loss_weight * named
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -578,7 +613,30 @@ class FusionTrainer:
 def _without_metadata(inputs: HeadInputs) -> HeadInputs:
     """The same cases with every field missing and no prior: what an image-only model sees."""
     none = encode_missing(len(inputs.labels))
-    return HeadInputs(inputs.cases, inputs.features, none, inputs.labels, None, inputs.maps)
+    return HeadInputs(
+        inputs.cases, inputs.features, none, inputs.labels, inputs.diagnoses, None, inputs.maps
+    )
+
+
+@torch.inference_mode()
+def _diagnosis_validation(
+    network: FusionNet, features: np.ndarray, targets: np.ndarray
+) -> dict[str, Any]:
+    """How well the auxiliary head names validation diagnoses: recall per class, and overall."""
+    named = targets != NO_DIAGNOSIS_CLASS
+    predicted = network.diagnosis_logits(torch.from_numpy(features[named])).argmax(1).numpy()
+    truth = targets[named]
+    recall = {
+        name: {"n": int((truth == k).sum()), "recall": float((predicted[truth == k] == k).mean())}
+        for k, name in enumerate(DIAGNOSIS_CLASSES)
+        if (truth == k).any()
+    }
+    return {
+        "n_named": int(named.sum()),
+        "accuracy": float((predicted == truth).mean()),
+        "balanced_accuracy": float(np.mean([r["recall"] for r in recall.values()])),
+        "recall": recall,
+    }
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

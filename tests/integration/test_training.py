@@ -10,7 +10,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from monai_bundle.scripts.data import DIAGNOSES, load_cases, split_by_group
+from monai_bundle.scripts.data import (
+    DIAGNOSES,
+    DIAGNOSIS_CLASSES,
+    NO_DIAGNOSIS_CLASS,
+    load_cases,
+    split_by_group,
+)
 from monai_bundle.scripts.network import FusionNet
 from monai_bundle.scripts.training import FusionTrainer, _without_metadata
 from monai_bundle.scripts.transforms import load_rgb
@@ -79,6 +85,53 @@ def test_metadata_residual_trains_the_image_only_model_first(
     _assert_only_the_top_blocks_moved(fusion)
     for subset in report["image_only_model"].values():
         assert subset["fusion_no_metadata_minus_image_only_model"]["difference"] == 0.0
+
+
+def test_diagnosis_head_is_trained_alongside_and_reported(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """The auxiliary head learns to name diagnoses, and validation says how well it does."""
+    config = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    recipe = config["trainer"]
+    options = {**config["network_options"], "diagnosis_classes": len(DIAGNOSIS_CLASSES)}
+    trainer = FusionTrainer(
+        data_root=str(shared_data),
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+        seed=config["seed"],
+        val_fraction=recipe["val_fraction"],
+        epochs=2,
+        batch_size=recipe["batch_size"],
+        views=recipe["views"],
+        max_images=48,
+        network=options,
+        diagnosis_loss_weight=0.5,
+        calibrate_on=config["calibrate_on"],
+    )
+    report = trainer.run()
+    cases = trainer._subsample(load_cases(shared_data))
+    is_val = split_by_group(cases, recipe["val_fraction"], config["seed"])
+    named = cases.frame.diagnosis.isin(DIAGNOSIS_CLASSES).to_numpy()
+    head = report["diagnosis_head"]
+    assert head["n_named"] == int((named & is_val).sum()) > 0
+    assert sum(r["n"] for r in head["recall"].values()) == head["n_named"]
+    assert set(head["recall"]) <= set(DIAGNOSIS_CLASSES)
+
+    # on the training images, the trained head's cross-entropy is below the untrained one's
+    trained = trainer.fresh_network()
+    trained.load_state_dict(torch.load(tmp_path / "out" / "model.pt", weights_only=True))
+    inputs = trainer.head_inputs(cases)
+    rows = ~is_val & (inputs.diagnoses != NO_DIAGNOSIS_CLASS)
+    targets = torch.from_numpy(inputs.diagnoses[rows])
+
+    def train_loss(network: FusionNet) -> float:
+        features = torch.from_numpy(trainer._tuned_features(network, inputs, "identity")[rows])
+        with torch.inference_mode():
+            logits = network.eval().diagnosis_logits(features)
+            return float(torch.nn.functional.cross_entropy(logits, targets))
+
+    assert train_loss(trained) < train_loss(trainer.fresh_network())
+    _assert_only_the_top_blocks_moved(trained.state_dict())
 
 
 def _assert_only_the_top_blocks_moved(trained: dict[str, torch.Tensor]) -> None:

@@ -121,6 +121,22 @@ def test_with_metadata_residual_nothing_known_is_exactly_the_image_only_classifi
     assert "image_classifier.4.weight" not in FusionNet().state_dict()
 
 
+def test_the_diagnosis_head_reads_image_features_and_never_moves_the_melanoma_logit() -> None:
+    torch.manual_seed(0)
+    plain = FusionNet().eval()
+    torch.manual_seed(0)
+    with_head = FusionNet(diagnosis_classes=8).eval()
+    features = torch.randn(3, with_head.image_feature_width)
+    metadata = torch.from_numpy(encode_missing(3))
+    with torch.no_grad():
+        assert with_head.diagnosis_logits(features).shape == (3, 8)
+        # built after the melanoma head, it leaves that head's initialisation and output alone
+        assert torch.equal(with_head.head(features, metadata), plain.head(features, metadata))
+    assert "diagnosis_classifier.4.weight" not in plain.state_dict()
+    with pytest.raises(ValueError, match="diagnosis_classes"):
+        plain.diagnosis_logits(features)
+
+
 def test_calibration_is_a_stored_affine_map_of_the_logit() -> None:
     torch.manual_seed(0)
     network = FusionNet(calibrated=True).eval()
