@@ -136,9 +136,53 @@ class FieldOfView(nn.Module):
         return _normalised(_denormalised(image) * keep)
 
 
+def with_zoom(batch: torch.Tensor) -> torch.Tensor:
+    """A closer look: a crop of 60-85% of the side, off centre by up to the margin, scaled back up.
+
+    Clinics frame lesions at different magnifications (close-up lenses, camera distance), so
+    the size of a lesion in the frame says as much about the clinic as about the lesion.
+    """
+    out = []
+    height, width = batch.shape[-2:]
+    for image in batch:
+        rng = np.random.default_rng(_image_seed(image) + 2)
+        side = float(rng.uniform(0.6, 0.85))
+        rows, columns = round(height * side), round(width * side)
+        top = int(rng.integers(0, height - rows + 1))
+        left = int(rng.integers(0, width - columns + 1))
+        crop = image[:, top : top + rows, left : left + columns].unsqueeze(0)
+        out.append(
+            nn.functional.interpolate(
+                crop, size=(height, width), mode="bilinear", align_corners=False
+            )[0]
+        )
+    return torch.stack(out)
+
+
+def with_colour_jitter(batch: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation and gamma drawn per image (±20-30%).
+
+    Colour constancy divides out the light's tint, not the exposure, contrast or saturation a
+    camera and its settings give; these vary between clinics while the lesion does not.
+    """
+    out = []
+    for image in batch:
+        rng = np.random.default_rng(_image_seed(image) + 3)
+        brightness, contrast, saturation = rng.uniform(0.8, 1.2, 3)
+        gamma = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+        rgb = _denormalised(image)
+        rgb = (rgb * float(brightness)).clamp(0.0, 1.0)
+        rgb = ((rgb - rgb.mean()) * float(contrast) + rgb.mean()).clamp(0.0, 1.0)
+        grey = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        rgb = ((rgb - grey) * float(saturation) + grey).clamp(0.0, 1.0)
+        out.append(_normalised(rgb.pow(gamma)))
+    return torch.stack(out)
+
+
 # Views of an image whose features are cached for training. The dihedral ones are exact, cheap
 # augmentations (dermoscopy has no canonical orientation) and scoring may average over them
-# (``test_time_views``); hair, ruler and vignette are training-only robustness views.
+# (``test_time_views``); hair, ruler and vignette are training-only robustness views, zoom and
+# colour_jitter training-only scale and camera augmentations.
 VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
     "hflip": lambda x: torch.flip(x, dims=[-1]),
@@ -147,6 +191,8 @@ VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "hair": with_hair,
     "ruler": with_ruler,
     "vignette": with_vignette,
+    "zoom": with_zoom,
+    "colour_jitter": with_colour_jitter,
 }
 
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from monai_bundle.scripts.metadata import METADATA_WIDTH, encode_metadata, encode_missing
-from monai_bundle.scripts.network import VIEWS, FieldOfView, FusionNet, ShadesOfGray
+from monai_bundle.scripts.network import (
+    VIEWS,
+    FieldOfView,
+    FusionNet,
+    ShadesOfGray,
+    _denormalised,
+)
 from monai_bundle.scripts.transforms import (
     IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -168,6 +174,31 @@ def test_robustness_views_are_reproducible_and_leave_most_of_the_lesion(view: st
     # the centre of the image, where the lesion is, stays mostly as it was
     centre = changed[:, 80:144, 80:144].float().mean()
     assert centre < 0.3
+
+
+def _total_variation(batch: torch.Tensor) -> torch.Tensor:
+    return (batch[..., 1:, :] - batch[..., :-1, :]).abs().mean(dim=(1, 2, 3))
+
+
+def test_zoom_is_a_reproducible_closer_look() -> None:
+    batch = _samples()
+    zoomed = VIEWS["zoom"](batch)
+    assert torch.equal(zoomed, VIEWS["zoom"](batch.clone()))
+    assert zoomed.shape == batch.shape
+    # magnified 1.2-1.7 times: edges spread over more pixels, the colours stay the image's
+    assert (_total_variation(zoomed) < 0.9 * _total_variation(batch)).all()
+    torch.testing.assert_close(zoomed.mean(dim=(2, 3)), batch.mean(dim=(2, 3)), atol=0.4, rtol=0)
+
+
+def test_colour_jitter_changes_the_colours_and_keeps_every_structure() -> None:
+    batch = _samples()
+    jittered = VIEWS["colour_jitter"](batch)
+    assert torch.equal(jittered, VIEWS["colour_jitter"](batch.clone()))
+    rgb, original = _denormalised(jittered), _denormalised(batch)
+    for after, before in zip(rgb, original, strict=True):
+        assert (after - before).abs().mean() > 0.01
+        grey = torch.stack([after.mean(0).flatten(), before.mean(0).flatten()])
+        assert torch.corrcoef(grey)[0, 1] > 0.9  # same pixels light and dark
 
 
 def test_vignette_darkens_corners_and_keeps_the_centre() -> None:
