@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,16 +51,13 @@ def test_smoke_training_is_reproducible_from_its_seed(tmp_path: Path, shared_dat
     _assert_only_the_top_blocks_moved(first)
 
 
-def test_metadata_residual_trains_the_image_only_model_first(
-    tmp_path: Path, shared_data: Path
-) -> None:
-    """With ``metadata_residual``, fusion with nothing known is the image-only model, bit for bit.
-
-    The image-only model is what the same recipe trains when every field is always missing.
-    """
+def _smoke_trainer(
+    tmp_path: Path, shared_data: Path, options: dict[str, Any], **trainer_options: Any
+) -> FusionTrainer:
+    """The shipped recipe with extra network ``options``, on 48 images for 2 epochs."""
     config = json.loads((BUNDLE / "configs" / "train.json").read_text())
     recipe = config["trainer"]
-    trainer = FusionTrainer(
+    return FusionTrainer(
         data_root=str(shared_data),
         cache_dir=str(tmp_path / "cache"),
         output_dir=str(tmp_path / "out"),
@@ -69,13 +67,24 @@ def test_metadata_residual_trains_the_image_only_model_first(
         batch_size=recipe["batch_size"],
         views=recipe["views"],
         max_images=48,
-        network={**config["network_options"], "metadata_residual": True},
+        network={**config["network_options"], **options},
         calibrate_on=config["calibrate_on"],
+        **trainer_options,
     )
+
+
+def test_metadata_residual_trains_the_image_only_model_first(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """With ``metadata_residual``, fusion with nothing known is the image-only model, bit for bit.
+
+    The image-only model is what the same recipe trains when every field is always missing.
+    """
+    trainer = _smoke_trainer(tmp_path, shared_data, {"metadata_residual": True})
     report = trainer.run()
     fusion = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     cases = trainer._subsample(load_cases(shared_data))
-    is_val = split_by_group(cases, recipe["val_fraction"], config["seed"])
+    is_val = split_by_group(cases, trainer.val_fraction, trainer.seed)
     blind = _without_metadata(trainer.head_inputs(cases))
     image_only = trainer.fit_fresh_head(blind, ~is_val).state_dict()
     image_path = [k for k in fusion if k.startswith(("backbone.", "image_classifier."))]
@@ -91,26 +100,11 @@ def test_diagnosis_head_is_trained_alongside_and_reported(
     tmp_path: Path, shared_data: Path
 ) -> None:
     """The auxiliary head learns to name diagnoses, and validation says how well it does."""
-    config = json.loads((BUNDLE / "configs" / "train.json").read_text())
-    recipe = config["trainer"]
-    options = {**config["network_options"], "diagnosis_classes": len(DIAGNOSIS_CLASSES)}
-    trainer = FusionTrainer(
-        data_root=str(shared_data),
-        cache_dir=str(tmp_path / "cache"),
-        output_dir=str(tmp_path / "out"),
-        seed=config["seed"],
-        val_fraction=recipe["val_fraction"],
-        epochs=2,
-        batch_size=recipe["batch_size"],
-        views=recipe["views"],
-        max_images=48,
-        network=options,
-        diagnosis_loss_weight=0.5,
-        calibrate_on=config["calibrate_on"],
-    )
+    options = {"diagnosis_classes": len(DIAGNOSIS_CLASSES)}
+    trainer = _smoke_trainer(tmp_path, shared_data, options, diagnosis_loss_weight=0.5)
     report = trainer.run()
     cases = trainer._subsample(load_cases(shared_data))
-    is_val = split_by_group(cases, recipe["val_fraction"], config["seed"])
+    is_val = split_by_group(cases, trainer.val_fraction, trainer.seed)
     named = cases.frame.diagnosis.isin(DIAGNOSIS_CLASSES).to_numpy()
     head = report["diagnosis_head"]
     assert head["n_named"] == int((named & is_val).sum()) > 0
