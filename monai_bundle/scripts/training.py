@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -612,10 +612,7 @@ class FusionTrainer:
 
 def _without_metadata(inputs: HeadInputs) -> HeadInputs:
     """The same cases with every field missing and no prior: what an image-only model sees."""
-    none = encode_missing(len(inputs.labels))
-    return HeadInputs(
-        inputs.cases, inputs.features, none, inputs.labels, inputs.diagnoses, None, inputs.maps
-    )
+    return replace(inputs, metadata=encode_missing(len(inputs.labels)), prior_weight=None)
 
 
 @torch.inference_mode()
