@@ -7,7 +7,9 @@ HAM10000 clinics (the ``dataset`` column) are the nearest stand-in: for each one
 included, and scored on the held-out clinic. The recipe picks its threshold on its own
 lesion/patient-disjoint validation split, so that split is kept, drawn from the cases
 outside the clinic. The unweighted mean of the four fusion AUCs is the single proxy number that new
-weights must beat. Writes ``leave_one_clinic_out.json`` and ``leave_one_clinic_out.md``.
+weights must beat. Writes ``leave_one_clinic_out.json`` and ``leave_one_clinic_out.md``, and
+the raw logits of every held-out and threshold case in ``leave_one_clinic_out_scores.csv``, so
+that recipes (an ensemble, say) can be compared on the very same folds without training again.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from monai.bundle import ConfigParser
 
 from monai_bundle.scripts.data import Cases, load_cases, split_by_group
@@ -29,7 +32,7 @@ from monai_bundle.scripts.evaluation import (
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.metadata import encode_missing
-from monai_bundle.scripts.training import FusionTrainer
+from monai_bundle.scripts.training import FusionTrainer, sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +150,31 @@ class LeaveOneClinicOut:
             "max_images": self.max_images,
             "clinics": {},
         }
+        scores: list[pd.DataFrame] = []
         for clinic in HAM_CLINICS:
             is_train, is_threshold = clinic_fold(cases, clinic, trainer.val_fraction, trainer.seed)
             held_out = (frame.clinic == clinic).to_numpy()
             log.info("leave out %s: train on %d cases", clinic, is_train.sum())
             network = trainer.fit_fresh_head(inputs, is_train)
             features = trainer.scoring_features(inputs, network)
-            probabilities = {
-                "fusion": trainer._probabilities(network, features, inputs.metadata),
-                "image_only": trainer._probabilities(network, features, no_metadata),
+            logits = {
+                "fusion": trainer._logits(network, features, inputs.metadata),
+                "image_only": trainer._logits(network, features, no_metadata),
             }
+            probabilities = {mode: sigmoid(value) for mode, value in logits.items()}
+            scored = held_out | is_threshold
+            scores.append(
+                pd.DataFrame(
+                    {
+                        "held_out_clinic": clinic,
+                        "role": np.where(held_out[scored], "held_out", "threshold"),
+                        "image": [Path(p).stem for p in frame.image[scored]],
+                        "label": labels[scored],
+                        "diagnosis": frame.diagnosis[scored].to_numpy(),
+                        **{f"{mode}_logit": logits[mode][scored] for mode in MODES},
+                    }
+                )
+            )
             threshold = threshold_for_sensitivity(
                 labels[is_threshold],
                 probabilities["fusion"][is_threshold],
@@ -214,6 +232,9 @@ class LeaveOneClinicOut:
             json.dumps(report, indent=2) + "\n"
         )
         (self.output_dir / "leave_one_clinic_out.md").write_text(markdown(report))
+        pd.concat(scores).to_csv(
+            self.output_dir / "leave_one_clinic_out_scores.csv", index=False, float_format="%.7g"
+        )
         log.info(
             "leave-one-clinic-out proxy AUC %.4f in %.0f s, written to %s",
             report["proxy_auc"],

@@ -472,7 +472,7 @@ class FusionTrainer:
         crossed = np.empty(len(logits))
         for k in range(CALIBRATION_FOLDS):
             a, b = _platt(logits[fold != k], labels[fold != k], weights[fold != k])
-            crossed[fold == k] = _sigmoid(a * logits[fold == k] + b)
+            crossed[fold == k] = sigmoid(a * logits[fold == k] + b)
         half = len(rows)
         sources = np.tile(frame.source.to_numpy()[rows], 2)
         cross_fitted: dict[str, dict[str, float]] = {}
@@ -500,7 +500,7 @@ class FusionTrainer:
     def _probabilities(
         self, network: FusionNet, features: np.ndarray, metadata: np.ndarray
     ) -> np.ndarray:
-        return _sigmoid(self._logits(network, features, metadata))
+        return sigmoid(self._logits(network, features, metadata))
 
     def _validate(
         self,
@@ -636,7 +636,7 @@ def _diagnosis_validation(
     }
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 

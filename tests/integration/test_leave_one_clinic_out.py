@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from monai_bundle.scripts.clinics import HAM_CLINICS, clinic_fold, stratified_subset
 from monai_bundle.scripts.data import load_cases
@@ -59,8 +61,10 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
     assert sorted(p.name for p in out.iterdir()) == [
         "leave_one_clinic_out.json",
         "leave_one_clinic_out.md",
+        "leave_one_clinic_out_scores.csv",
     ]
     report = json.loads((out / "leave_one_clinic_out.json").read_text())
+    scores = pd.read_csv(out / "leave_one_clinic_out_scores.csv")
     assert "Smoke run" in (out / "leave_one_clinic_out.md").read_text()
     assert report["n_cases"] == MAX_IMAGES
     assert report["recipe"]["epochs"] == 2
@@ -94,5 +98,14 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
         assert (is_train | is_threshold | held_out).all()
         assert int(is_train.sum()) == entry["n_train"]
         assert not set(frame.group[is_train]) & set(frame.group[is_threshold])
+        # the per-case scores are the ones the fold's numbers were computed from
+        fold = scores[scores.held_out_clinic == clinic]
+        on_clinic = fold[fold.role == "held_out"]
+        assert len(on_clinic) == entry["n"] and on_clinic.label.sum() == entry["n_melanoma"]
+        assert (fold.role == "threshold").sum() == entry["n_threshold"]
+        assert set(on_clinic.image) == {Path(p).stem for p in frame.image[held_out]}
+        for mode in ("fusion", "image_only"):
+            auc = roc_auc_score(on_clinic.label, on_clinic[f"{mode}_logit"])
+            assert auc == pytest.approx(entry[mode]["auc"], abs=1e-3)
     pooled = [c["fusion"]["auc"] for c in report["clinics"].values()]
     assert report["proxy_auc"] == pytest.approx(np.mean(pooled), abs=1e-12)
