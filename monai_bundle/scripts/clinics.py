@@ -28,11 +28,12 @@ from monai_bundle.scripts.data import Cases, load_cases, split_by_group
 from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     operating_point,
+    sigmoid,
     specificity_by_diagnosis,
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.metadata import encode_missing
-from monai_bundle.scripts.training import FusionTrainer, sigmoid
+from monai_bundle.scripts.training import FusionTrainer
 
 log = logging.getLogger(__name__)
 

@@ -69,6 +69,10 @@ def auc_difference_with_interval(
     }
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
 def threshold_for_sensitivity(
     labels: np.ndarray, probabilities: np.ndarray, target: float
 ) -> float:

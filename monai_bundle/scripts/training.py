@@ -40,6 +40,7 @@ from monai_bundle.scripts.evaluation import (
     auc_with_interval,
     expected_calibration_error,
     operating_point,
+    sigmoid,
     threshold_for_sensitivity,
 )
 from monai_bundle.scripts.features import block_maps, image_features
@@ -634,10 +635,6 @@ def _diagnosis_validation(
         "balanced_accuracy": float(np.mean([r["recall"] for r in recall.values()])),
         "recall": recall,
     }
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _platt(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[float, float]:

@@ -1,0 +1,158 @@
+"""Recipes judged offline on leave-one-clinic-out scores: ensembles and stacked features.
+
+``LeaveOneClinicOut`` writes every held-out and threshold case's logits. Averaging the logits of
+runs with different seeds or recipes is exactly the leave-one-clinic-out result of their ensemble
+(each member's fold is trained the same way alone), and a feature can be stacked onto a run's
+logit by a logistic fit on each fold's threshold split, never on the held-out clinic. Neither
+needs training again. Used for the model card's ensemble and lesion-size rows::
+
+    python -m monai_bundle.scripts.loco_scores ensemble RUN_DIR RUN_DIR [...]
+    python -m monai_bundle.scripts.loco_scores size RUN_DIR --data-root ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from monai_bundle.scripts.evaluation import operating_point, sigmoid, threshold_for_sensitivity
+
+log = logging.getLogger(__name__)
+
+SCORES = "leave_one_clinic_out_scores.csv"
+ROW_KEY = ["held_out_clinic", "role", "image"]
+MODES = ("fusion", "image_only")
+
+
+def read_scores(run_dir: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(run_dir) / SCORES)
+
+
+def ensemble(runs: list[pd.DataFrame]) -> pd.DataFrame:
+    """The mean logit of ``runs`` per case; refused unless they scored the very same folds."""
+    first = runs[0]
+    for other in runs[1:]:
+        if len(other) != len(first) or not (other[ROW_KEY].values == first[ROW_KEY].values).all():
+            raise ValueError("runs scored different cases or folds: not comparable")
+    out = first.drop(columns=[f"{m}_logit" for m in MODES]).copy()
+    for mode in MODES:
+        out[f"{mode}_logit"] = np.mean([r[f"{mode}_logit"].to_numpy() for r in runs], axis=0)
+    return out
+
+
+def per_clinic(scores: pd.DataFrame, sensitivity_target: float = 0.95) -> dict[str, Any]:
+    """Held-out AUC per clinic and mode, and the fusion operating point picked on the threshold
+    rows, as ``LeaveOneClinicOut`` computes them; plus the unweighted means."""
+    clinics: dict[str, Any] = {}
+    for clinic, fold in scores.groupby("held_out_clinic", sort=False):
+        held = fold[fold.role == "held_out"]
+        threshold_rows = fold[fold.role == "threshold"]
+        y = held.label.to_numpy()
+        entry: dict[str, Any] = {"n_melanoma": int(y.sum())}
+        for mode in MODES:
+            entry[f"{mode}_auc"] = float(roc_auc_score(y, held[f"{mode}_logit"]))
+        threshold = threshold_for_sensitivity(
+            threshold_rows.label.to_numpy(),
+            sigmoid(threshold_rows.fusion_logit.to_numpy()),
+            sensitivity_target,
+        )
+        point = operating_point(y, sigmoid(held.fusion_logit.to_numpy()), threshold)
+        entry["fusion_sensitivity"] = point["sensitivity"]
+        entry["fusion_specificity"] = point["specificity"]
+        clinics[str(clinic)] = entry
+    mean = {
+        key: float(np.mean([c[key] for c in clinics.values()]))
+        for key in next(iter(clinics.values()))
+        if key != "n_melanoma"
+    }
+    return {"clinics": clinics, "mean": mean}
+
+
+def stacked(scores: pd.DataFrame, feature: pd.Series, mode: str = "fusion") -> dict[str, Any]:
+    """Held-out AUC of ``mode``'s logit alone and with ``feature`` (and its square) stacked on.
+
+    ``feature`` is indexed by image. The stacking weights are fitted per fold on its threshold
+    rows (cases outside the held-out clinic) only; also reported is the feature's own AUC on both
+    sides, which shows whether its direction transfers between clinics at all.
+    """
+    x = scores.image.map(feature)
+    if x.isna().any():
+        raise ValueError(f"{int(x.isna().sum())} scored images have no {feature.name}")
+    frame = scores.assign(x=x.to_numpy(dtype=float))
+    out: dict[str, Any] = {}
+    for clinic, fold in frame.groupby("held_out_clinic", sort=False):
+        fit, held = fold[fold.role == "threshold"], fold[fold.role == "held_out"]
+
+        def design(rows: pd.DataFrame) -> np.ndarray:
+            return np.c_[rows[f"{mode}_logit"], rows.x, rows.x**2]
+
+        model = LogisticRegression(max_iter=1000).fit(design(fit), fit.label)
+        out[str(clinic)] = {
+            "logit_auc": float(roc_auc_score(held.label, held[f"{mode}_logit"])),
+            "stacked_auc": float(roc_auc_score(held.label, model.decision_function(design(held)))),
+            "feature_auc_held_out": float(roc_auc_score(held.label, held.x)),
+            "feature_auc_threshold_rows": float(roc_auc_score(fit.label, fit.x)),
+        }
+    means = {
+        f"mean_{key}": float(np.mean([c[key] for c in out.values()]))
+        for key in ("logit_auc", "stacked_auc")
+    }
+    return {**out, **means}
+
+
+def lesion_log_areas(data_root: str, cache: Path) -> pd.Series:
+    """log(lesion area / image area) of every training image, by the service's segmentation.
+
+    Computed once (about 15 min on 2 cores) and kept in ``cache``.
+    """
+    if cache.exists():
+        areas = pd.read_csv(cache)
+    else:
+        from monai_bundle.scripts.data import load_cases
+        from monai_bundle.scripts.lesion import measure_lesion
+
+        rows = []
+        for path in load_cases(data_root).frame.image:
+            rgb = np.asarray(Image.open(path).convert("RGB"))
+            rows.append((Path(path).stem, measure_lesion(rgb).area_fraction))
+        areas = pd.DataFrame(rows, columns=["image", "area_fraction"])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        areas.to_csv(cache, index=False)
+    values = np.log(areas.area_fraction.clip(1e-3, 1.0)).to_numpy()
+    return pd.Series(values, index=areas.image.to_numpy(), name="log_area_fraction")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monai_bundle.scripts.loco_scores")
+    sub = parser.add_subparsers(dest="command", required=True)
+    both = sub.add_parser("ensemble", help="mean logit of several leave-one-clinic-out runs")
+    both.add_argument("runs", nargs="+")
+    size = sub.add_parser("size", help="lesion area stacked onto a run's logits")
+    size.add_argument("run")
+    size.add_argument("--data-root", default="../shared/data")
+    size.add_argument("--cache", default="var/cache/lesion_areas.csv")
+    args = parser.parse_args(argv)
+    if args.command == "ensemble":
+        result = {
+            "members": {run: per_clinic(read_scores(run))["mean"] for run in args.runs},
+            "ensemble": per_clinic(ensemble([read_scores(run) for run in args.runs])),
+        }
+    else:
+        scores = read_scores(args.run)
+        areas = lesion_log_areas(args.data_root, Path(args.cache))
+        result = {mode: stacked(scores, areas, mode) for mode in MODES}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
