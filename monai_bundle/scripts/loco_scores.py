@@ -38,15 +38,25 @@ def read_scores(run_dir: str | Path) -> pd.DataFrame:
 
 
 def ensemble(runs: list[pd.DataFrame]) -> pd.DataFrame:
-    """The mean logit of ``runs`` per case; refused unless they scored the very same folds."""
-    first = runs[0]
-    for other in runs[1:]:
-        if len(other) != len(first) or not (other[ROW_KEY].values == first[ROW_KEY].values).all():
-            raise ValueError("runs scored different cases or folds: not comparable")
-    out = first.drop(columns=[f"{m}_logit" for m in MODES]).copy()
+    """The mean logit of ``runs`` per case.
+
+    Every run must have held out the same cases. Runs with different seeds drew different
+    threshold splits (and so trained on slightly different cases): only the threshold rows that
+    every run kept out of training are kept, so the threshold is still picked on unseen cases.
+    """
+    held = [r[r.role == "held_out"].sort_values(ROW_KEY) for r in runs]
+    first = held[0][ROW_KEY].to_numpy()
+    if any(len(h) != len(first) or not (h[ROW_KEY].to_numpy() == first).all() for h in held):
+        raise ValueError("runs held out different cases: not comparable")
+    logits = [f"{m}_logit" for m in MODES]
+    merged = runs[0].drop(columns=logits)
+    for k, run in enumerate(runs):
+        renamed = run[ROW_KEY + logits].rename(columns={c: f"{c}{k}" for c in logits})
+        merged = merged.merge(renamed, on=ROW_KEY, how="inner")
     for mode in MODES:
-        out[f"{mode}_logit"] = np.mean([r[f"{mode}_logit"].to_numpy() for r in runs], axis=0)
-    return out
+        members = [merged.pop(f"{mode}_logit{k}").to_numpy() for k in range(len(runs))]
+        merged[f"{mode}_logit"] = np.mean(members, axis=0)
+    return merged
 
 
 def per_clinic(scores: pd.DataFrame, sensitivity_target: float = 0.95) -> dict[str, Any]:

@@ -44,11 +44,25 @@ def _synthetic(seed: int, n: int = 400) -> pd.DataFrame:
     )
 
 
-def test_an_ensemble_of_one_run_is_that_run_and_different_folds_are_refused() -> None:
+def test_an_ensemble_of_one_run_is_that_run_whatever_the_row_order() -> None:
     run = _synthetic(0)
-    assert per_clinic(ensemble([run, run])) == per_clinic(run)
-    with pytest.raises(ValueError, match="different cases or folds"):
-        ensemble([run, run.sample(frac=1.0, random_state=1)])
+    shuffled = run.sample(frac=1.0, random_state=1)
+    assert per_clinic(ensemble([run, shuffled])) == per_clinic(run)
+
+
+def test_an_ensemble_thresholds_on_cases_no_member_trained_on() -> None:
+    run = _synthetic(0)
+    other = run.copy()
+    other["fusion_logit"] = other.fusion_logit[::-1].to_numpy()
+    trained_on_by_other = other.index[other.role == "threshold"][:3]
+    combined = ensemble([run, other.drop(index=trained_on_by_other)])
+    assert (combined.role == "threshold").sum() == (run.role == "threshold").sum() - 3
+    assert not set(run.image[trained_on_by_other]) & set(combined.image)
+    mean = (run.fusion_logit + other.fusion_logit) / 2
+    kept = combined.set_index("image").fusion_logit
+    assert np.allclose(kept, mean.set_axis(run.image)[kept.index])
+    with pytest.raises(ValueError, match="held out different cases"):
+        ensemble([run, run.drop(index=run.index[run.role == "held_out"][:1])])
 
 
 def test_a_feature_that_carries_the_label_is_stacked_on_and_raises_the_auc() -> None:
