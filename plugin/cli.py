@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-images", type=int, help="leave-one-clinic-out smoke run on a stratified subset"
     )
     evaluate.add_argument("--epochs", type=int, help="leave-one-clinic-out: override train.json")
+    evaluate.add_argument(
+        "--seed",
+        type=int,
+        help="leave-one-clinic-out: override train.json's seed (initialisation, batch order and "
+        "threshold split), to measure how much the proxy moves between seeds",
+    )
     return parser
 
 
@@ -164,9 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if (args.max_images or args.epochs) and not args.leave_one_clinic_out:
+    loco_only = args.max_images or args.epochs or args.seed is not None
+    if loco_only and not args.leave_one_clinic_out:
         print(
-            "dermfusion evaluate: --max-images/--epochs need --leave-one-clinic-out",
+            "dermfusion evaluate: --max-images/--epochs/--seed need --leave-one-clinic-out",
             file=sys.stderr,
         )
         return 2
@@ -177,6 +184,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides["loco_max_images"] = args.max_images
     if args.epochs:
         overrides["loco_epochs"] = args.epochs
+    if args.seed is not None:
+        overrides["loco_seed"] = args.seed
     run_id = "loco" if args.leave_one_clinic_out else "run"
     return _run_bundle_config(args, "evaluate.json", run_id=run_id, **overrides)
 

@@ -94,7 +94,8 @@ class LeaveOneClinicOut:
     """Runs the leave-one-clinic-out evaluation of the recipe in ``train_config``.
 
     The trainer is built from ``train_config`` itself (only paths are overridden, plus ``epochs``
-    for smoke runs), so a recipe change is evaluated by the same command. No weights are written.
+    for smoke runs and ``seed`` to measure the seed spread), so a recipe change is evaluated by
+    the same command. No weights are written.
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class LeaveOneClinicOut:
         output_dir: str,
         max_images: int | None = None,
         epochs: int | None = None,
+        seed: int | None = None,
         n_boot: int = 1000,
     ) -> None:
         self.train_config = Path(train_config)
@@ -114,6 +116,7 @@ class LeaveOneClinicOut:
         self.output_dir = Path(output_dir)
         self.max_images = max_images
         self.epochs = epochs
+        self.seed = seed
         self.n_boot = n_boot
 
     def trainer(self) -> FusionTrainer:
@@ -127,6 +130,8 @@ class LeaveOneClinicOut:
         parser["max_images"] = None  # the subset, if any, is drawn here, stratified by clinic
         if self.epochs is not None:
             parser["trainer#epochs"] = self.epochs
+        if self.seed is not None:
+            parser["seed"] = self.seed
         trainer = parser.get_parsed_content("trainer")
         if not isinstance(trainer, FusionTrainer):
             raise TypeError(f"{self.train_config}: trainer is {type(trainer).__name__}")

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 BUNDLE = REPO_ROOT / "monai_bundle"
 COMMITTED = BUNDLE / "docs" / "evaluation" / "leave_one_clinic_out.json"
 MAX_IMAGES = 120
+SMOKE_SEED = 11
 
 
 def _train_config() -> dict[str, Any]:
@@ -63,6 +64,13 @@ def test_committed_scores_are_the_ones_the_committed_report_was_computed_from() 
             assert auc == pytest.approx(entry[mode]["auc"], abs=1e-6)
 
 
+def test_seed_and_smoke_options_are_refused_without_leave_one_clinic_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["evaluate", "--seed", "7"]) == 2
+    assert "need --leave-one-clinic-out" in capsys.readouterr().err
+
+
 def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
     tmp_path: Path, shared_data: Path
 ) -> None:
@@ -71,7 +79,7 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
     out = tmp_path / "loco"
     args = ["--config", str(config), "evaluate", "--leave-one-clinic-out"]
     args += ["--data-root", str(shared_data), "--out", str(out)]
-    args += ["--max-images", str(MAX_IMAGES), "--epochs", "2"]
+    args += ["--max-images", str(MAX_IMAGES), "--epochs", "2", "--seed", str(SMOKE_SEED)]
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "leave_one_clinic_out.json",
@@ -83,9 +91,10 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
     assert "Smoke run" in (out / "leave_one_clinic_out.md").read_text()
     assert report["n_cases"] == MAX_IMAGES
     assert report["recipe"]["epochs"] == 2
+    assert report["recipe"]["seed"] == SMOKE_SEED != _train_config()["seed"]
     assert list(report["clinics"]) == list(HAM_CLINICS)
 
-    seed = _train_config()["seed"]
+    seed = SMOKE_SEED  # the folds below must be the ones this seed draws
     val_fraction = _train_config()["trainer"]["val_fraction"]
     cases = stratified_subset(load_cases(shared_data), MAX_IMAGES, seed)
     frame = cases.frame
