@@ -1,10 +1,11 @@
 """Recipes judged offline on leave-one-clinic-out scores: ensembles and stacked features.
 
 ``LeaveOneClinicOut`` writes every held-out and threshold case's logits. Averaging the logits of
-runs with different seeds or recipes is exactly the leave-one-clinic-out result of their ensemble
-(each member's fold is trained the same way alone), and a feature can be stacked onto a run's
-logit by a logistic fit on each fold's threshold split, never on the held-out clinic. Neither
-needs training again. Used for the model card's ensemble and lesion-size rows::
+runs of different seeds or recipes is the leave-one-clinic-out result of their ensemble (each
+member's fold is trained as it would be alone, on its own seed's split), and a feature can be
+stacked onto a run's logit by a logistic fit on each fold's threshold split, never on the
+held-out clinic. Neither needs training again. Used for the model card's ensemble and
+lesion-size rows::
 
     python -m monai_bundle.scripts.loco_scores ensemble RUN_DIR RUN_DIR [...]
     python -m monai_bundle.scripts.loco_scores size RUN_DIR --data-root ../shared/data
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from monai_bundle.scripts.evaluation import operating_point, sigmoid, threshold_for_sensitivity
-
-log = logging.getLogger(__name__)
 
 SCORES = "leave_one_clinic_out_scores.csv"
 ROW_KEY = ["held_out_clinic", "role", "image"]
