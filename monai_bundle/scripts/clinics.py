@@ -32,13 +32,13 @@ from monai_bundle.scripts.evaluation import (
     specificity_by_diagnosis,
     threshold_for_sensitivity,
 )
+from monai_bundle.scripts.loco_scores import MODES, SCORES
 from monai_bundle.scripts.metadata import encode_missing
 from monai_bundle.scripts.training import FusionTrainer
 
 log = logging.getLogger(__name__)
 
 HAM_CLINICS = ("rosendahl", "vidir_modern", "vidir_molemax", "vienna_dias")
-MODES = ("fusion", "image_only")
 RECIPE_FIELDS = (
     "seed",
     "val_fraction",
@@ -238,9 +238,7 @@ class LeaveOneClinicOut:
             json.dumps(report, indent=2) + "\n"
         )
         (self.output_dir / "leave_one_clinic_out.md").write_text(markdown(report))
-        pd.concat(scores).to_csv(
-            self.output_dir / "leave_one_clinic_out_scores.csv", index=False, float_format="%.7g"
-        )
+        pd.concat(scores).to_csv(self.output_dir / SCORES, index=False, float_format="%.7g")
         log.info(
             "leave-one-clinic-out proxy AUC %.4f in %.0f s, written to %s",
             report["proxy_auc"],

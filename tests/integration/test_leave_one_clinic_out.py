@@ -49,21 +49,6 @@ def test_committed_proxy_is_the_mean_of_its_clinics_for_the_current_recipe() -> 
     assert "## Leave-one-clinic-out (proxy for another hospital)" in card
 
 
-def test_committed_scores_are_the_ones_the_committed_report_was_computed_from() -> None:
-    """Ensembles and stacked features are judged offline on these: they must not go stale."""
-    report = json.loads(COMMITTED.read_text())
-    scores = pd.read_csv(COMMITTED.with_name("leave_one_clinic_out_scores.csv"))
-    assert list(scores.held_out_clinic.unique()) == list(HAM_CLINICS)
-    for clinic, entry in report["clinics"].items():
-        fold = scores[scores.held_out_clinic == clinic]
-        on_clinic = fold[fold.role == "held_out"]
-        assert len(on_clinic) == entry["n"] and on_clinic.label.sum() == entry["n_melanoma"]
-        assert (fold.role == "threshold").sum() == entry["n_threshold"]
-        for mode in ("fusion", "image_only"):
-            auc = roc_auc_score(on_clinic.label, on_clinic[f"{mode}_logit"])
-            assert auc == pytest.approx(entry[mode]["auc"], abs=1e-6)
-
-
 def test_seed_and_smoke_options_are_refused_without_leave_one_clinic_out(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -15,9 +15,16 @@ EVALUATION = REPO_ROOT / "monai_bundle" / "docs" / "evaluation"
 
 
 def test_scores_reproduce_the_committed_leave_one_clinic_out_report() -> None:
+    """Ensembles and stacked features are judged offline on these: they must not go stale."""
     report = json.loads((EVALUATION / "leave_one_clinic_out.json").read_text())
-    judged = per_clinic(read_scores(EVALUATION), report["recipe"]["sensitivity_target"])
+    scores = read_scores(EVALUATION)
+    assert list(scores.held_out_clinic.unique()) == list(report["clinics"])
+    judged = per_clinic(scores, report["recipe"]["sensitivity_target"])
     for clinic, entry in report["clinics"].items():
+        fold = scores[scores.held_out_clinic == clinic]
+        on_clinic = fold[fold.role == "held_out"]
+        assert len(on_clinic) == entry["n"] and on_clinic.label.sum() == entry["n_melanoma"]
+        assert (fold.role == "threshold").sum() == entry["n_threshold"]
         mine = judged["clinics"][clinic]
         for mode in ("fusion", "image_only"):
             assert mine[f"{mode}_auc"] == pytest.approx(entry[mode]["auc"], abs=1e-6)
