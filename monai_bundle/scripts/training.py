@@ -98,6 +98,7 @@ class FusionTrainer:
         p_field_drop: float = 0.3,
         p_all_drop: float = 0.2,
         diagnosis_loss_weight: float = 0.0,
+        weight_averaging_epochs: int = 0,
         sensitivity_target: float = 0.95,
         max_images: int | None = None,
         views: list[str] | None = None,
@@ -128,6 +129,11 @@ class FusionTrainer:
             # needs the head
             raise ValueError("diagnosis_loss_weight > 0 if and only if diagnosis_classes is set")
         self.diagnosis_loss_weight = diagnosis_loss_weight
+        if not 0 <= weight_averaging_epochs <= epochs:
+            raise ValueError(
+                f"weight_averaging_epochs must be in 0..epochs, got {weight_averaging_epochs}"
+            )
+        self.weight_averaging_epochs = weight_averaging_epochs
         self.sensitivity_target = sensitivity_target
         self.max_images = max_images
         self.views = list(views or VIEWS)
@@ -388,6 +394,11 @@ class FusionTrainer:
         batches of ``n`` rows in all, drawing their order from the seeded generator it is given.
         ``settled`` modules (at least the backbone) stay in eval mode: ImageNet BatchNorm
         statistics, no drop-connect, no dropout in a path trained before.
+
+        With ``weight_averaging_epochs`` the trained parameters end as their mean over every step
+        of the last that many epochs (stochastic weight averaging, as SWAD does for domain
+        generalisation: a flatter minimum is meant to transfer better to an unseen clinic). The
+        BatchNorm statistics need no update: they stay ImageNet's.
         """
         optimiser = torch.optim.AdamW(
             [{"params": params, "lr": lr} for params, lr in groups],
@@ -411,8 +422,12 @@ class FusionTrainer:
         network.train()
         for module in settled:
             module.eval()
+        trained = [p for params, _ in groups for p in params]
+        averaging_from = self.epochs - self.weight_averaging_epochs
+        averaged: list[torch.Tensor] = []
+        steps_averaged = 0
         progress = tqdm(range(self.epochs), desc=description, unit="epoch")
-        for _ in progress:
+        for epoch_index in progress:
             total = 0.0
             for features, metadata, labels, diagnoses in epoch(generator):
                 meta = drop_fields(metadata, self.p_field_drop, self.p_all_drop, generator)
@@ -425,7 +440,14 @@ class FusionTrainer:
                 optimiser.step()
                 schedule.step()
                 total += loss.item() * len(labels)
+                if epoch_index >= averaging_from:
+                    steps_averaged += 1
+                    _running_mean(averaged, trained, steps_averaged)
             progress.set_postfix(loss=f"{total / n:.4f}")
+        if averaged:
+            with torch.no_grad():
+                for mean, parameter in zip(averaged, trained, strict=True):
+                    parameter.copy_(mean)
         network.eval()
 
     @torch.inference_mode()
@@ -609,6 +631,16 @@ class FusionTrainer:
             "wrote model.pt, operating_point.json and validation_metrics.json to %s",
             self.output_dir,
         )
+
+
+@torch.no_grad()
+def _running_mean(mean: list[torch.Tensor], parameters: list[nn.Parameter], count: int) -> None:
+    """Fold the ``count``-th step's ``parameters`` into their running ``mean`` (empty: start it)."""
+    if not mean:
+        mean.extend(p.detach().clone() for p in parameters)
+        return
+    for m, p in zip(mean, parameters, strict=True):
+        m.add_(p.detach() - m, alpha=1.0 / count)
 
 
 def _without_metadata(inputs: HeadInputs) -> HeadInputs:
