@@ -50,8 +50,8 @@ from monai_bundle.scripts.priors import fit_metadata_prior, isic_table
 
 log = logging.getLogger(__name__)
 
-# image features, metadata, melanoma labels, diagnosis targets
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# image features, metadata, melanoma labels, diagnosis targets, row weights (None: all equal)
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 # Whose validation cases the Platt calibration is fitted on. ISIC 2020 rows are always reweighted
 # to the table's 2% prevalence; "all" adds the HAM10000 rows (about 8% melanoma) at weight 1.
@@ -99,6 +99,8 @@ class FusionTrainer:
         p_all_drop: float = 0.2,
         diagnosis_loss_weight: float = 0.0,
         weight_averaging_epochs: int = 0,
+        clinic_prevalence_weighting: bool = False,
+        max_row_weight: float = 10.0,
         sensitivity_target: float = 0.95,
         max_images: int | None = None,
         views: list[str] | None = None,
@@ -134,6 +136,10 @@ class FusionTrainer:
                 f"weight_averaging_epochs must be in 0..epochs, got {weight_averaging_epochs}"
             )
         self.weight_averaging_epochs = weight_averaging_epochs
+        if max_row_weight < 1:
+            raise ValueError(f"max_row_weight must be at least 1, got {max_row_weight}")
+        self.clinic_prevalence_weighting = clinic_prevalence_weighting
+        self.max_row_weight = max_row_weight
         self.sensitivity_target = sensitivity_target
         self.max_images = max_images
         self.views = list(views or VIEWS)
@@ -330,6 +336,7 @@ class FusionTrainer:
         metadata = torch.from_numpy(inputs.metadata)
         labels = torch.from_numpy(inputs.labels)
         diagnoses = torch.from_numpy(inputs.diagnoses)
+        weights = self._row_weights(inputs, is_train)
         if self.fine_tuned_from is not None:
             rows = np.flatnonzero(is_train)
 
@@ -341,7 +348,8 @@ class FusionTrainer:
                     idx = order[start : start + self.batch_size]
                     picked = view[start : start + self.batch_size]
                     features = self._view_features(network, inputs, idx, picked, self.views)
-                    yield features, metadata[idx], labels[idx], diagnoses[idx]
+                    row_weights = None if weights is None else weights[idx]
+                    yield features, metadata[idx], labels[idx], diagnoses[idx], row_weights
 
             groups = [
                 (network.trainable_backbone_parameters(), self.backbone_learning_rate),
@@ -350,6 +358,14 @@ class FusionTrainer:
             self._optimise(network, groups, fine_tuning_epoch, len(rows), "fine-tuning", settled)
             return
         self._fit_on_features(network, inputs.features, inputs, is_train, head, settled)
+
+    def _row_weights(self, inputs: HeadInputs, is_train: np.ndarray) -> torch.Tensor | None:
+        """Loss weight of every row, from the training rows' clinics; None without weighting."""
+        if not self.clinic_prevalence_weighting:
+            return None
+        clinics = inputs.cases.frame.clinic.to_numpy()
+        weights = clinic_prevalence_weights(clinics, inputs.labels, is_train, self.max_row_weight)
+        return torch.from_numpy(weights.astype(np.float32))
 
     def _fit_on_features(
         self,
@@ -365,13 +381,15 @@ class FusionTrainer:
         m = torch.from_numpy(np.concatenate([inputs.metadata[is_train]] * len(self.views)))
         y = torch.from_numpy(np.concatenate([inputs.labels[is_train]] * len(self.views)))
         d = torch.from_numpy(np.concatenate([inputs.diagnoses[is_train]] * len(self.views)))
+        weights = self._row_weights(inputs, is_train)
+        w = None if weights is None else torch.cat([weights[is_train]] * len(self.views))
 
         def head_epoch(generator: torch.Generator) -> Iterator[Batch]:
             """Every cached view of every training image once."""
             order = torch.randperm(len(y), generator=generator)
             for start in range(0, len(y), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                yield x[idx], m[idx], y[idx], d[idx]
+                yield x[idx], m[idx], y[idx], d[idx], None if w is None else w[idx]
 
         groups = [(head, self.learning_rate)]
         self._optimise(network, groups, head_epoch, len(y), "fusion head", settled)
@@ -429,9 +447,16 @@ class FusionTrainer:
         progress = tqdm(range(self.epochs), desc=description, unit="epoch")
         for epoch_index in progress:
             total = 0.0
-            for features, metadata, labels, diagnoses in epoch(generator):
+            for features, metadata, labels, diagnoses, weights in epoch(generator):
                 meta = drop_fields(metadata, self.p_field_drop, self.p_all_drop, generator)
-                loss = loss_fn(network.head(features, meta).squeeze(1), labels)
+                logits = network.head(features, meta).squeeze(1)
+                if weights is None:
+                    loss = loss_fn(logits, labels)
+                else:
+                    per_row = nn.functional.binary_cross_entropy_with_logits(
+                        logits, labels, reduction="none"
+                    )
+                    loss = (per_row * weights).sum() / weights.sum()
                 if teach_diagnosis and bool((diagnoses != NO_DIAGNOSIS_CLASS).any()):
                     named = diagnosis_loss(network.diagnosis_logits(features), diagnoses)
                     loss = loss + self.diagnosis_loss_weight * named
@@ -631,6 +656,32 @@ class FusionTrainer:
             "wrote model.pt, operating_point.json and validation_metrics.json to %s",
             self.output_dir,
         )
+
+
+def clinic_prevalence_weights(
+    clinics: np.ndarray, labels: np.ndarray, is_train: np.ndarray, max_weight: float
+) -> np.ndarray:
+    """Row weights that give every clinic the training rows' pooled melanoma prevalence.
+
+    Prevalence differs between the clinics (HAM10000's from 0.5% to 19%, 52% in the hand-picked
+    ISIC 2020 images), so whatever identifies a clinic (its camera, framing, light) also predicts
+    the label, and a network learns it: a shortcut that says nothing about a new clinic. Weighted
+    so each clinic has the same prevalence, a clinic's look carries no information about the label.
+    Melanoma rows of a low-prevalence clinic get large weights; ``max_weight`` caps them (a cap
+    leaves a little of the correlation, an uncapped weight lets a handful of cases dominate).
+    Rows outside ``is_train`` get weights too, from the training rows' counts.
+    """
+    pooled = float(labels[is_train].mean())
+    weights = np.ones(len(labels))
+    for clinic in np.unique(clinics[is_train]):
+        rows = clinics == clinic
+        prevalence = float(labels[rows & is_train].mean())
+        if prevalence in (0.0, 1.0):
+            continue  # one class only: nothing to rebalance, and the ratio is undefined
+        melanoma = labels == 1
+        weights[rows & melanoma] = pooled / prevalence
+        weights[rows & ~melanoma] = (1 - pooled) / (1 - prevalence)
+    return np.minimum(weights, max_weight)
 
 
 @torch.no_grad()
