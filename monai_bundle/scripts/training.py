@@ -673,12 +673,12 @@ def clinic_prevalence_weights(
     """
     pooled = float(labels[is_train].mean())
     weights = np.ones(len(labels))
+    melanoma = labels == 1
     for clinic in np.unique(clinics[is_train]):
         rows = clinics == clinic
         prevalence = float(labels[rows & is_train].mean())
         if prevalence in (0.0, 1.0):
             continue  # one class only: nothing to rebalance, and the ratio is undefined
-        melanoma = labels == 1
         weights[rows & melanoma] = pooled / prevalence
         weights[rows & ~melanoma] = (1 - pooled) / (1 - prevalence)
     return np.minimum(weights, max_weight)
