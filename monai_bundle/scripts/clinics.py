@@ -49,6 +49,9 @@ RECIPE_FIELDS = (
     "weight_decay",
     "p_field_drop",
     "p_all_drop",
+    "clinic_prevalence_weighting",
+    "max_row_weight",
+    "weight_averaging_epochs",
     "sensitivity_target",
     "views",
     "network_options",
@@ -251,6 +254,9 @@ class LeaveOneClinicOut:
 def markdown(report: dict[str, Any]) -> str:
     """The report as a table for humans; the json holds the same numbers unrounded."""
     recipe = report["recipe"]
+    # every recipe field the prose above the table does not already state
+    stated = {"seed", "epochs", "views", "sensitivity_target", "val_fraction", "network_options"}
+    trainer_options = {name: value for name, value in recipe.items() if name not in stated}
     lines = [
         "# Leave-one-clinic-out (proxy for another hospital)",
         "",
@@ -264,6 +270,8 @@ def markdown(report: dict[str, Any]) -> str:
         "AUC with 95% bootstrap interval.",
         "",
         f"Network options: `{json.dumps(recipe.get('network_options', {}), sort_keys=True)}`.",
+        "",
+        f"Trainer options: `{json.dumps(trainer_options, sort_keys=True)}`.",
         "",
     ]
     if report["max_images"] is not None:

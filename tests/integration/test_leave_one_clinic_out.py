@@ -73,7 +73,11 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
     ]
     report = json.loads((out / "leave_one_clinic_out.json").read_text())
     scores = pd.read_csv(out / "leave_one_clinic_out_scores.csv")
-    assert "Smoke run" in (out / "leave_one_clinic_out.md").read_text()
+    table = (out / "leave_one_clinic_out.md").read_text()
+    assert "Smoke run" in table
+    # the recipe's trainer options (the loss weighting among them) are stated, not just stored
+    weighting = _train_config()["trainer"]["clinic_prevalence_weighting"]
+    assert f'"clinic_prevalence_weighting": {json.dumps(weighting)}' in table
     assert report["n_cases"] == MAX_IMAGES
     assert report["recipe"]["epochs"] == 2
     assert report["recipe"]["seed"] == SMOKE_SEED != _train_config()["seed"]
