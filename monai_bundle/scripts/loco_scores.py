@@ -4,11 +4,13 @@
 runs of different seeds or recipes is the leave-one-clinic-out result of their ensemble (each
 member's fold is trained as it would be alone, on its own seed's split), and a feature can be
 stacked onto a run's logit by a logistic fit on each fold's threshold split, never on the
-held-out clinic. Neither needs training again. Used for the model card's ensemble and
-lesion-size rows::
+held-out clinic. Two runs (or two modes of one run) are compared on the same held-out cases
+with paired bootstrap intervals, per clinic and for the proxy. Neither needs training again.
+Used for the model card's ensemble, lesion-size and out-of-clinic ablation rows::
 
     python -m monai_bundle.scripts.loco_scores ensemble RUN_DIR RUN_DIR [...]
     python -m monai_bundle.scripts.loco_scores size RUN_DIR --data-root ../shared/data
+    python -m monai_bundle.scripts.loco_scores compare RUN_A:fusion RUN_B:image_only
 """
 
 from __future__ import annotations
@@ -117,6 +119,62 @@ def stacked(scores: pd.DataFrame, feature: pd.Series, mode: str = "fusion") -> d
     return {**out, **means}
 
 
+def _difference(reference: float, replicates: np.ndarray) -> dict[str, float]:
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    return {
+        "difference": reference,
+        "low": float(low),
+        "high": float(high),
+        "share_positive": float(np.mean(replicates > 0)),
+    }
+
+
+def paired_difference(
+    a: pd.DataFrame,
+    mode_a: str,
+    b: pd.DataFrame,
+    mode_b: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Held-out AUC of ``a``'s ``mode_a`` logit minus ``b``'s ``mode_b``, on the same cases.
+
+    Per clinic, and for the proxy (the mean over clinics), with paired 95% bootstrap intervals:
+    each replicate resamples every clinic's held-out cases once for both runs, so the proxy's
+    interval is as wide as its smallest clinics make it.
+    """
+    key = ["held_out_clinic", "image"]
+
+    def held(run: pd.DataFrame, mode: str, name: str) -> pd.DataFrame:
+        rows = run[run.role == "held_out"]
+        return rows[key + ["label", f"{mode}_logit"]].rename(
+            columns={f"{mode}_logit": name, "label": f"label_{name}"}
+        )
+
+    left, right = held(a, mode_a, "a"), held(b, mode_b, "b")
+    merged = left.merge(right, on=key, how="inner", validate="one_to_one")
+    if not len(merged) == len(left) == len(right):
+        raise ValueError("runs held out different cases: not comparable")
+    if (merged.label_a != merged.label_b).any():
+        raise ValueError("runs disagree on a held-out case's label")
+    rng = np.random.default_rng(seed)
+    clinics: dict[str, Any] = {}
+    replicates = []
+    for clinic, fold in merged.groupby("held_out_clinic", sort=False):
+        y, score_a, score_b = (fold[c].to_numpy() for c in ("label_a", "a", "b"))
+        reps = np.empty(n_boot)
+        for k in range(n_boot):
+            idx = rng.integers(0, len(y), len(y))
+            while y[idx].min() == y[idx].max():
+                idx = rng.integers(0, len(y), len(y))
+            reps[k] = roc_auc_score(y[idx], score_a[idx]) - roc_auc_score(y[idx], score_b[idx])
+        reference = float(roc_auc_score(y, score_a) - roc_auc_score(y, score_b))
+        clinics[str(clinic)] = _difference(reference, reps)
+        replicates.append(reps)
+    proxy = float(np.mean([c["difference"] for c in clinics.values()]))
+    return {"clinics": clinics, "proxy": _difference(proxy, np.mean(replicates, axis=0))}
+
+
 def lesion_log_areas(data_root: str, cache: Path) -> pd.Series:
     """log(lesion area / image area) of every training image, by the service's segmentation.
 
@@ -139,6 +197,13 @@ def lesion_log_areas(data_root: str, cache: Path) -> pd.Series:
     return pd.Series(values, index=areas.image.to_numpy(), name="log_area_fraction")
 
 
+def _run_and_mode(argument: str) -> tuple[str, str]:
+    run, _, mode = argument.rpartition(":")
+    if not run or mode not in MODES:
+        raise SystemExit(f"{argument}: expected RUN_DIR:MODE, MODE one of {', '.join(MODES)}")
+    return run, mode
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monai_bundle.scripts.loco_scores")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,8 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("run")
     size.add_argument("--data-root", default="../shared/data")
     size.add_argument("--cache", default="var/cache/lesion_areas.csv")
+    compare = sub.add_parser(
+        "compare", help="held-out AUC of RUN_A:MODE minus RUN_B:MODE, paired bootstrap intervals"
+    )
+    compare.add_argument("a", metavar="RUN_A:MODE")
+    compare.add_argument("b", metavar="RUN_B:MODE")
     args = parser.parse_args(argv)
-    if args.command == "ensemble":
+    if args.command == "compare":
+        (run_a, mode_a), (run_b, mode_b) = (_run_and_mode(x) for x in (args.a, args.b))
+        result = paired_difference(read_scores(run_a), mode_a, read_scores(run_b), mode_b)
+    elif args.command == "ensemble":
         result = {
             "members": {run: per_clinic(read_scores(run))["mean"] for run in args.runs},
             "ensemble": per_clinic(ensemble([read_scores(run) for run in args.runs])),

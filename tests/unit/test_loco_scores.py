@@ -8,7 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monai_bundle.scripts.loco_scores import ensemble, per_clinic, read_scores, stacked
+from monai_bundle.scripts.loco_scores import (
+    ensemble,
+    paired_difference,
+    per_clinic,
+    read_scores,
+    stacked,
+)
 from tests.conftest import REPO_ROOT
 
 EVALUATION = REPO_ROOT / "monai_bundle" / "docs" / "evaluation"
@@ -84,3 +90,41 @@ def test_a_feature_that_carries_the_label_is_stacked_on_and_raises_the_auc() -> 
     assert stacked(run, noise)["mean_stacked_auc"] < result["mean_stacked_auc"]
     with pytest.raises(ValueError, match="have no x"):
         stacked(run, informative.iloc[:-1])
+
+
+def test_a_run_compared_with_itself_differs_by_nothing_on_every_replicate() -> None:
+    run = _synthetic(3)
+    result = paired_difference(run, "fusion", run.sample(frac=1.0, random_state=2), "fusion")
+    for entry in [*result["clinics"].values(), result["proxy"]]:
+        assert (entry["difference"], entry["low"], entry["high"]) == (0.0, 0.0, 0.0)
+        assert entry["share_positive"] == 0.0
+
+
+def test_paired_difference_is_the_per_clinic_auc_gap_and_finds_a_real_one() -> None:
+    rng = np.random.default_rng(5)
+    run = _synthetic(4)
+    run = run.assign(fusion_logit=3.0 * run.label + rng.normal(0, 1, len(run)))  # AUC about 0.98
+    blind = run.assign(image_only_logit=rng.normal(0, 1, len(run)))  # knows nothing
+    result = paired_difference(run, "fusion", blind, "image_only", n_boot=300)
+    judged_a, judged_b = per_clinic(run)["clinics"], per_clinic(blind)["clinics"]
+    for clinic, entry in result["clinics"].items():
+        gap = judged_a[clinic]["fusion_auc"] - judged_b[clinic]["image_only_auc"]
+        assert entry["difference"] == pytest.approx(gap)
+        assert 0.0 < entry["low"] < entry["difference"] < entry["high"]
+    assert result["proxy"]["difference"] == pytest.approx(
+        np.mean([e["difference"] for e in result["clinics"].values()])
+    )
+    assert result["proxy"]["low"] > 0.0 and result["proxy"]["share_positive"] == 1.0
+    swapped = paired_difference(blind, "image_only", run, "fusion", n_boot=300)
+    assert swapped["proxy"]["difference"] == pytest.approx(-result["proxy"]["difference"])
+    assert swapped["proxy"]["high"] < 0.0
+
+
+def test_runs_that_held_out_different_cases_are_refused() -> None:
+    run = _synthetic(6)
+    fewer = run.drop(index=run.index[run.role == "held_out"][:3])
+    with pytest.raises(ValueError, match="different cases"):
+        paired_difference(run, "fusion", fewer, "fusion")
+    relabelled = run.assign(label=np.where(run.role == "held_out", 1 - run.label, run.label))
+    with pytest.raises(ValueError, match="label"):
+        paired_difference(run, "fusion", relabelled, "fusion")
