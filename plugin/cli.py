@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         help="leave-one-clinic-out: override train.json's seed (initialisation, batch order and "
         "threshold split), to measure how much the proxy moves between seeds",
     )
+    evaluate.add_argument(
+        "--without-image-only-model",
+        action="store_true",
+        help="leave-one-clinic-out: skip the ablation's image-only model per fold (about half "
+        "the time, for screening recipes; the committed report has it)",
+    )
     return parser
 
 
@@ -170,10 +176,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    loco_only = args.max_images or args.epochs or args.seed is not None
+    loco_only = (
+        args.max_images or args.epochs or args.seed is not None or args.without_image_only_model
+    )
     if loco_only and not args.leave_one_clinic_out:
         print(
-            "dermfusion evaluate: --max-images/--epochs/--seed need --leave-one-clinic-out",
+            "dermfusion evaluate: --max-images/--epochs/--seed/--without-image-only-model need "
+            "--leave-one-clinic-out",
             file=sys.stderr,
         )
         return 2
@@ -186,6 +195,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides["loco_epochs"] = args.epochs
     if args.seed is not None:
         overrides["loco_seed"] = args.seed
+    if args.without_image_only_model:
+        overrides["loco_image_only_model"] = False
     run_id = "loco" if args.leave_one_clinic_out else "run"
     return _run_bundle_config(args, "evaluate.json", run_id=run_id, **overrides)
 

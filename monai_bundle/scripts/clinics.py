@@ -32,7 +32,7 @@ from monai_bundle.scripts.evaluation import (
     specificity_by_diagnosis,
     threshold_for_sensitivity,
 )
-from monai_bundle.scripts.loco_scores import MODES, SCORES
+from monai_bundle.scripts.loco_scores import IMAGE_ONLY_MODEL, MODES, SCORES, paired_difference
 from monai_bundle.scripts.metadata import encode_missing
 from monai_bundle.scripts.training import FusionTrainer
 
@@ -111,6 +111,7 @@ class LeaveOneClinicOut:
         max_images: int | None = None,
         epochs: int | None = None,
         seed: int | None = None,
+        image_only_model: bool = True,
         n_boot: int = 1000,
     ) -> None:
         self.train_config = Path(train_config)
@@ -120,6 +121,7 @@ class LeaveOneClinicOut:
         self.max_images = max_images
         self.epochs = epochs
         self.seed = seed
+        self.image_only_model = image_only_model
         self.n_boot = n_boot
 
     def trainer(self) -> FusionTrainer:
@@ -170,6 +172,10 @@ class LeaveOneClinicOut:
                 "fusion": trainer._logits(network, features, inputs.metadata),
                 "image_only": trainer._logits(network, features, no_metadata),
             }
+            if self.image_only_model:
+                logits[IMAGE_ONLY_MODEL] = trainer.image_only_model_logits(
+                    inputs, is_train, network, features
+                )
             probabilities = {mode: sigmoid(value) for mode, value in logits.items()}
             scored = held_out | is_threshold
             scores.append(
@@ -180,7 +186,7 @@ class LeaveOneClinicOut:
                         "image": [Path(p).stem for p in frame.image[scored]],
                         "label": labels[scored],
                         "diagnosis": frame.diagnosis[scored].to_numpy(),
-                        **{f"{mode}_logit": logits[mode][scored] for mode in MODES},
+                        **{f"{mode}_logit": value[scored] for mode, value in logits.items()},
                     }
                 )
             )
@@ -212,6 +218,13 @@ class LeaveOneClinicOut:
                     "specificity": point["specificity"],
                     "ppv": point["ppv"],
                 }
+            if self.image_only_model:
+                entry[IMAGE_ONLY_MODEL] = auc_with_interval(
+                    labels[held_out],
+                    logits[IMAGE_ONLY_MODEL][held_out],
+                    n_boot=self.n_boot,
+                    seed=trainer.seed,
+                )
             entry["fusion_specificity_by_diagnosis"] = specificity_by_diagnosis(
                 frame.diagnosis.to_numpy()[held_out],
                 labels[held_out],
@@ -236,12 +249,28 @@ class LeaveOneClinicOut:
             },
         }
         report["proxy_auc"] = report["pooled"]["fusion_auc"]
+        every_fold = pd.concat(scores)
+        if self.image_only_model:
+            report["pooled"][f"{IMAGE_ONLY_MODEL}_auc"] = float(
+                np.mean([c[IMAGE_ONLY_MODEL]["auc"] for c in report["clinics"].values()])
+            )
+            report["ablation"] = {
+                "definition": "held-out AUC minus that of an image-only model (the recipe with "
+                "every field always missing, trained on the same cases); paired 95% bootstrap "
+                "intervals, per clinic and for the proxy",
+                **{
+                    f"{mode}_minus_{IMAGE_ONLY_MODEL}": paired_difference(
+                        every_fold, mode, every_fold, IMAGE_ONLY_MODEL, self.n_boot, trainer.seed
+                    )
+                    for mode in MODES
+                },
+            }
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "leave_one_clinic_out.json").write_text(
             json.dumps(report, indent=2) + "\n"
         )
         (self.output_dir / "leave_one_clinic_out.md").write_text(markdown(report))
-        pd.concat(scores).to_csv(self.output_dir / SCORES, index=False, float_format="%.7g")
+        every_fold.to_csv(self.output_dir / SCORES, index=False, float_format="%.7g")
         log.info(
             "leave-one-clinic-out proxy AUC %.4f in %.0f s, written to %s",
             report["proxy_auc"],
@@ -300,6 +329,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Proxy AUC (mean fusion AUC over the held-out clinics): **{report['proxy_auc']:.4f}**. "
         "Weights replace the shipped ones only when their recipe beats this number.",
         "",
+    ]
+    if "ablation" in report:
+        lines += ablation_markdown(report)
+    lines += [
         "Fusion specificity at the fold's threshold by benign diagnosis, n in brackets (which "
         "look-alikes each clinic brings):",
         "",
@@ -315,3 +348,36 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {diagnosis} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def ablation_markdown(report: dict[str, Any]) -> list[str]:
+    """Fusion against the image-only model, per clinic and for the proxy."""
+
+    def gap(d: dict[str, float]) -> str:
+        return f"{d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})"
+
+    ablation = report["ablation"]
+    fused = ablation[f"fusion_minus_{IMAGE_ONLY_MODEL}"]
+    withheld = ablation[f"image_only_minus_{IMAGE_ONLY_MODEL}"]
+    lines = [
+        "Ablation: fusion against an image-only model, the same recipe with every field always "
+        "missing, trained on the same cases and scored on the same held-out images. Paired 95% "
+        "bootstrap intervals; the proxy's resample every clinic at once.",
+        "",
+        "| held-out clinic | image-only model AUC (95% CI) | fusion minus it "
+        "| fusion with metadata withheld minus it |",
+        "| --- | --- | --- | --- |",
+    ]
+    for clinic, c in report["clinics"].items():
+        model = c[IMAGE_ONLY_MODEL]
+        lines.append(
+            f"| {clinic} | {model['auc']:.3f} ({model['auc_low']:.3f}-{model['auc_high']:.3f}) "
+            f"| {gap(fused['clinics'][clinic])} | {gap(withheld['clinics'][clinic])} |"
+        )
+    lines += [
+        f"| **mean of {len(report['clinics'])}** "
+        f"| {report['pooled'][f'{IMAGE_ONLY_MODEL}_auc']:.3f} "
+        f"| **{gap(fused['proxy'])}** | {gap(withheld['proxy'])} |",
+        "",
+    ]
+    return lines

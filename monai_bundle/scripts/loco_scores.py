@@ -10,7 +10,7 @@ Used for the model card's ensemble, lesion-size and out-of-clinic ablation rows:
 
     python -m monai_bundle.scripts.loco_scores ensemble RUN_DIR RUN_DIR [...]
     python -m monai_bundle.scripts.loco_scores size RUN_DIR --data-root ../shared/data
-    python -m monai_bundle.scripts.loco_scores compare RUN_A:fusion RUN_B:image_only
+    python -m monai_bundle.scripts.loco_scores compare RUN_A:fusion RUN_B:image_only_model
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from monai_bundle.scripts.evaluation import operating_point, sigmoid, threshold_
 SCORES = "leave_one_clinic_out_scores.csv"
 ROW_KEY = ["held_out_clinic", "role", "image"]
 MODES = ("fusion", "image_only")
+# the ablation's model that never had metadata; its column is absent from runs without one
+IMAGE_ONLY_MODEL = "image_only_model"
 
 
 def read_scores(run_dir: str | Path) -> pd.DataFrame:
@@ -199,8 +201,9 @@ def lesion_log_areas(data_root: str, cache: Path) -> pd.Series:
 
 def _run_and_mode(argument: str) -> tuple[str, str]:
     run, _, mode = argument.rpartition(":")
-    if not run or mode not in MODES:
-        raise SystemExit(f"{argument}: expected RUN_DIR:MODE, MODE one of {', '.join(MODES)}")
+    modes = (*MODES, IMAGE_ONLY_MODEL)
+    if not run or mode not in modes:
+        raise SystemExit(f"{argument}: expected RUN_DIR:MODE, MODE one of {', '.join(modes)}")
     return run, mode
 
 
@@ -218,10 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     compare.add_argument("a", metavar="RUN_A:MODE")
     compare.add_argument("b", metavar="RUN_B:MODE")
+    compare.add_argument(
+        "--seed", type=int, default=0, help="bootstrap seed (a run's own reports use its seed)"
+    )
     args = parser.parse_args(argv)
     if args.command == "compare":
         (run_a, mode_a), (run_b, mode_b) = (_run_and_mode(x) for x in (args.a, args.b))
-        result = paired_difference(read_scores(run_a), mode_a, read_scores(run_b), mode_b)
+        result = paired_difference(
+            read_scores(run_a), mode_a, read_scores(run_b), mode_b, seed=args.seed
+        )
     elif args.command == "ensemble":
         result = {
             "members": {run: per_clinic(read_scores(run))["mean"] for run in args.runs},

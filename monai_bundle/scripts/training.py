@@ -606,16 +606,7 @@ class FusionTrainer:
         frame = inputs.cases.frame
         labels = frame.label.to_numpy()
         none = encode_missing(len(frame))
-        if fusion.metadata_residual:
-            # the same recipe with every field missing trains exactly the image path that
-            # fusion trains first (same seed, same draws): the image-only model is inside it, and
-            # the Platt scale on top is monotone, so its AUC is that model's
-            image_only = self._logits(fusion, scoring, none)
-        else:
-            reference = self.fresh_network()
-            blind = _without_metadata(inputs)
-            self._fit_head(reference, blind, ~is_val)
-            image_only = self._logits(reference, self.scoring_features(blind, reference), none)
+        image_only = self.image_only_model_logits(inputs, ~is_val, fusion, scoring)
         scores = {
             "image_only_model": image_only,
             "fusion": self._logits(fusion, scoring, inputs.metadata),
@@ -638,6 +629,30 @@ class FusionTrainer:
                 ),
             }
         return out
+
+    def image_only_model_logits(
+        self,
+        inputs: HeadInputs,
+        is_train: np.ndarray,
+        fusion: FusionNet,
+        fusion_features: np.ndarray,
+    ) -> np.ndarray:
+        """Every row's logit from a model trained by this recipe on ``is_train`` with every field
+        always missing: the image-only side of the ablation.
+
+        ``fusion`` (trained on the same rows) and its scoring features are needed only where the
+        image-only model is part of it.
+        """
+        none = encode_missing(len(inputs.labels))
+        if fusion.metadata_residual:
+            # the same recipe with every field missing trains exactly the image path that
+            # fusion trains first (same seed, same draws): the image-only model is inside it, and
+            # the Platt scale on top is monotone, so its AUC is that model's
+            return self._logits(fusion, fusion_features, none)
+        reference = self.fresh_network()
+        blind = _without_metadata(inputs)
+        self._fit_head(reference, blind, is_train)
+        return self._logits(reference, self.scoring_features(blind, reference), none)
 
     def _save(self, network: FusionNet, report: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,14 @@ def test_committed_proxy_is_the_mean_of_its_clinics_for_the_current_recipe() -> 
     report = json.loads(COMMITTED.read_text())
     assert report["max_images"] is None
     assert list(report["clinics"]) == list(HAM_CLINICS)
-    for mode in ("fusion", "image_only"):
+    for mode in ("fusion", "image_only", "image_only_model"):
         aucs = [c[mode]["auc"] for c in report["clinics"].values()]
         assert report["pooled"][f"{mode}_auc"] == pytest.approx(np.mean(aucs), abs=1e-12)
     assert report["proxy_auc"] == report["pooled"]["fusion_auc"]
+    # the ablation out of clinic: fusion against a model that never had metadata
+    ablation = report["ablation"]["fusion_minus_image_only_model"]
+    gap = report["pooled"]["fusion_auc"] - report["pooled"]["image_only_model_auc"]
+    assert ablation["proxy"]["difference"] == pytest.approx(gap, abs=1e-6)
     # a recipe change in train.json makes the committed numbers stale: rerun the evaluation
     config = _train_config()
     for name, value in report["recipe"].items():
@@ -46,6 +50,8 @@ def test_committed_proxy_is_the_mean_of_its_clinics_for_the_current_recipe() -> 
         assert value == expected, name
     card = (BUNDLE / "docs" / "README.md").read_text()
     assert f"{report['proxy_auc']:.3f}" in card
+    assert f"{report['pooled']['image_only_model_auc']:.3f}" in card
+    assert f"{ablation['proxy']['difference']:+.3f}" in card
     assert "## Leave-one-clinic-out (proxy for another hospital)" in card
 
 
@@ -75,6 +81,7 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
     scores = pd.read_csv(out / "leave_one_clinic_out_scores.csv")
     table = (out / "leave_one_clinic_out.md").read_text()
     assert "Smoke run" in table
+    assert "Ablation: fusion against an image-only model" in table
     # the recipe's trainer options (the loss weighting among them) are stated, not just stored
     weighting = _train_config()["trainer"]["clinic_prevalence_weighting"]
     assert f'"clinic_prevalence_weighting": {json.dumps(weighting)}' in table
@@ -117,8 +124,15 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
         assert len(on_clinic) == entry["n"] and on_clinic.label.sum() == entry["n_melanoma"]
         assert (fold.role == "threshold").sum() == entry["n_threshold"]
         assert set(on_clinic.image) == {Path(p).stem for p in frame.image[held_out]}
-        for mode in ("fusion", "image_only"):
+        for mode in ("fusion", "image_only", "image_only_model"):
             auc = roc_auc_score(on_clinic.label, on_clinic[f"{mode}_logit"])
             assert auc == pytest.approx(entry[mode]["auc"], abs=1e-3)
+        # the image-only model is a model of its own, not fusion with metadata withheld
+        assert not np.allclose(on_clinic.image_only_logit, on_clinic.image_only_model_logit)
+        gap = report["ablation"]["fusion_minus_image_only_model"]["clinics"][clinic]
+        assert gap["difference"] == pytest.approx(
+            entry["fusion"]["auc"] - entry["image_only_model"]["auc"], abs=1e-3
+        )
+        assert gap["low"] <= gap["difference"] <= gap["high"]
     pooled = [c["fusion"]["auc"] for c in report["clinics"].values()]
     assert report["proxy_auc"] == pytest.approx(np.mean(pooled), abs=1e-12)

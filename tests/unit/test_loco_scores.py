@@ -37,6 +37,14 @@ def test_scores_reproduce_the_committed_leave_one_clinic_out_report() -> None:
         assert mine["fusion_sensitivity"] == pytest.approx(entry["fusion"]["sensitivity"])
         assert mine["fusion_specificity"] == pytest.approx(entry["fusion"]["specificity"])
     assert judged["mean"]["fusion_auc"] == pytest.approx(report["proxy_auc"], abs=1e-6)
+    # the ablation's intervals too, from the scores alone, under the run's bootstrap seed
+    ablation = paired_difference(
+        scores, "fusion", scores, "image_only_model", seed=report["recipe"]["seed"]
+    )
+    committed = report["ablation"]["fusion_minus_image_only_model"]
+    assert ablation["proxy"] == pytest.approx(committed["proxy"], abs=1e-6)
+    for clinic, entry in committed["clinics"].items():
+        assert ablation["clinics"][clinic] == pytest.approx(entry, abs=1e-6)
 
 
 def _synthetic(seed: int, n: int = 400) -> pd.DataFrame:
