@@ -60,12 +60,17 @@ def auc_difference_with_interval(
         roc_auc_score(labels[idx], scores_a[idx]) - roc_auc_score(labels[idx], scores_b[idx])
         for idx in _resamples(labels, n_boot, seed)
     ]
-    low, high = np.percentile(boots, [2.5, 97.5])
+    return difference_with_interval(diff, np.asarray(boots))
+
+
+def difference_with_interval(difference: float, replicates: np.ndarray) -> dict[str, float]:
+    """A difference with the 95% interval and the share of its bootstrap replicates above 0."""
+    low, high = np.percentile(replicates, [2.5, 97.5])
     return {
-        "difference": diff,
+        "difference": difference,
         "low": float(low),
         "high": float(high),
-        "share_positive": float(np.mean(np.array(boots) > 0)),
+        "share_positive": float(np.mean(replicates > 0)),
     }
 
 

@@ -26,7 +26,12 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from monai_bundle.scripts.evaluation import operating_point, sigmoid, threshold_for_sensitivity
+from monai_bundle.scripts.evaluation import (
+    difference_with_interval,
+    operating_point,
+    sigmoid,
+    threshold_for_sensitivity,
+)
 
 SCORES = "leave_one_clinic_out_scores.csv"
 ROW_KEY = ["held_out_clinic", "role", "image"]
@@ -121,16 +126,6 @@ def stacked(scores: pd.DataFrame, feature: pd.Series, mode: str = "fusion") -> d
     return {**out, **means}
 
 
-def _difference(reference: float, replicates: np.ndarray) -> dict[str, float]:
-    low, high = np.percentile(replicates, [2.5, 97.5])
-    return {
-        "difference": reference,
-        "low": float(low),
-        "high": float(high),
-        "share_positive": float(np.mean(replicates > 0)),
-    }
-
-
 def paired_difference(
     a: pd.DataFrame,
     mode_a: str,
@@ -148,6 +143,8 @@ def paired_difference(
     key = ["held_out_clinic", "image"]
 
     def held(run: pd.DataFrame, mode: str, name: str) -> pd.DataFrame:
+        if f"{mode}_logit" not in run.columns:
+            raise ValueError(f"this run has no {mode} scores (a run without the image-only model?)")
         rows = run[run.role == "held_out"]
         return rows[key + ["label", f"{mode}_logit"]].rename(
             columns={f"{mode}_logit": name, "label": f"label_{name}"}
@@ -171,10 +168,13 @@ def paired_difference(
                 idx = rng.integers(0, len(y), len(y))
             reps[k] = roc_auc_score(y[idx], score_a[idx]) - roc_auc_score(y[idx], score_b[idx])
         reference = float(roc_auc_score(y, score_a) - roc_auc_score(y, score_b))
-        clinics[str(clinic)] = _difference(reference, reps)
+        clinics[str(clinic)] = difference_with_interval(reference, reps)
         replicates.append(reps)
     proxy = float(np.mean([c["difference"] for c in clinics.values()]))
-    return {"clinics": clinics, "proxy": _difference(proxy, np.mean(replicates, axis=0))}
+    return {
+        "clinics": clinics,
+        "proxy": difference_with_interval(proxy, np.mean(replicates, axis=0)),
+    }
 
 
 def lesion_log_areas(data_root: str, cache: Path) -> pd.Series:

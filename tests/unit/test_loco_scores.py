@@ -136,3 +136,5 @@ def test_runs_that_held_out_different_cases_are_refused() -> None:
     relabelled = run.assign(label=np.where(run.role == "held_out", 1 - run.label, run.label))
     with pytest.raises(ValueError, match="label"):
         paired_difference(run, "fusion", relabelled, "fusion")
+    with pytest.raises(ValueError, match="no image_only_model scores"):
+        paired_difference(run, "fusion", run, "image_only_model")
