@@ -19,6 +19,8 @@ from monai_bundle.scripts.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_FEATURES = 1280
 HEAD_TAP = "head"
+# prefix of the image-only companion's taps and parameters (``FusionNet(image_only_companion=...)``)
+COMPANION = "image_only"
 
 
 _MEAN = torch.from_numpy(IMAGENET_MEAN).view(-1, 1, 1)  # broadcasts over CxHxW and NxCxHxW
@@ -255,6 +257,15 @@ class FusionNet(nn.Module):
     the fine-tuned blocks to tell keratoses, carcinomas and naevi apart, the benign lesions the
     melanoma logit confuses.
 
+    With ``image_only_companion`` the network holds a second model beside the fusion model: its
+    own fine-tuned top blocks and head, trained by the same recipe with every field always
+    missing (``image_only``; it shares the frozen lower blocks, which run once). With any field
+    known the logit is the mean of the two models' logits; with nothing known it is the image-only
+    model's alone, so the network without metadata *is* its image-only model. Each case kind has
+    its own Platt scale (``calibration``, ``image_only_calibration``). Out of clinic the mean
+    ranked better than either model alone, and the fusion model with its metadata withheld ranked
+    worse than a model that never had any (the model card's ablation).
+
     Two optional fixed parts are fitted outside gradient descent and stored as buffers:
     ``metadata_prior`` adds the log-odds that a logistic regression on the 29,559-row ISIC 2020
     table gives the known fields (zero when all are missing), and ``calibrated`` applies a Platt
@@ -279,6 +290,7 @@ class FusionNet(nn.Module):
         fine_tuned_from: int | None = None,
         metadata_residual: bool = False,
         diagnosis_classes: int = 0,
+        image_only_companion: bool = False,
     ) -> None:
         super().__init__()
         if backbone not in BACKBONES:
@@ -332,6 +344,31 @@ class FusionNet(nn.Module):
         self.calibrated = calibrated
         if calibrated:
             self.register_buffer("calibration", torch.tensor([1.0, 0.0]))
+        self.image_only: FusionNet | None = None
+        if image_only_companion:
+            if fine_tuned_from is None:
+                raise ValueError("image_only_companion needs fine_tuned_from (its own top blocks)")
+            if metadata_residual:
+                raise ValueError("image_only_companion and metadata_residual exclude each other")
+            companion = FusionNet(
+                metadata_width=metadata_width,
+                metadata_hidden=metadata_hidden,
+                head_hidden=head_hidden,
+                dropout=dropout,
+                imagenet_init=imagenet_init,
+                backbone=backbone,
+                colour_constancy=colour_constancy,
+                field_of_view=field_of_view,
+                feature_taps=feature_taps,
+                test_time_views=test_time_views,
+                fine_tuned_from=fine_tuned_from,
+            )
+            for index in range(fine_tuned_from):  # the shared frozen blocks run in this network
+                companion.backbone._blocks[index] = nn.Identity()
+            self.image_only = companion
+            self.register_buffer("image_only_calibration", torch.tensor([1.0, 0.0]))
+            if not metadata_residual:
+                self.register_buffer("nothing_known", torch.from_numpy(encode_missing(1)), False)
 
     def feature_signature(self) -> str:
         """What, besides the image, decides cached backbone features (part of the cache key).
@@ -347,6 +384,8 @@ class FusionNet(nn.Module):
         weights = backbone_hash(self.backbone)
         if weights != imagenet_backbone_hash(self.backbone_name):
             parts.append(f"backbone-{weights}")
+        if self.image_only is not None:
+            parts.append(f"{COMPANION}-{backbone_hash(self.image_only.backbone)}")
         return ";".join(parts)
 
     def trainable_backbone_parameters(self) -> list[nn.Parameter]:
@@ -366,13 +405,18 @@ class FusionNet(nn.Module):
         """
         head_map, live = self.blocks_onwards(x, first)
         live[HEAD_TAP] = head_map.mean(dim=(2, 3))
-        return torch.cat([live[n] if n in live else frozen[n] for n in self.tap_names()], dim=1)
+        own = torch.cat([live[n] if n in live else frozen[n] for n in self.own_tap_names()], dim=1)
+        if self.image_only is None:
+            return own
+        return torch.cat([own, self.image_only.features_from_block(x, first, frozen)], dim=1)
 
     def tap_columns(self) -> dict[str, slice]:
         """Where each tap's pooled features sit in ``image_features``' output."""
         widths = [IMAGE_FEATURES] + [
             self.backbone._blocks[t]._bn2.num_features for t in self.feature_taps
         ]
+        if self.image_only is not None:
+            widths += widths
         ends = np.cumsum(widths)
         names = self.tap_names()
         return {n: slice(int(e - w), int(e)) for n, w, e in zip(names, widths, ends, strict=True)}
@@ -381,14 +425,43 @@ class FusionNet(nn.Module):
         """The tapped blocks that fine-tuning from block ``first`` leaves frozen."""
         return [f"block{t}" for t in self.feature_taps if t < first]
 
-    def tap_names(self) -> tuple[str, ...]:
+    def own_tap_names(self) -> tuple[str, ...]:
+        """The fusion model's taps, in the order its head reads them."""
         return (HEAD_TAP, *(f"block{t}" for t in self.feature_taps))
+
+    def tap_names(self) -> tuple[str, ...]:
+        """Every tap of ``image_features``, the image-only companion's (prefixed) after the own."""
+        own = self.own_tap_names()
+        if self.image_only is None:
+            return own
+        return (*own, *(f"{COMPANION}_{n}" for n in own))
 
     def feature_map_and_taps(
         self, image: torch.Tensor, taps: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The last feature map (1280x7x7) and the pooled outputs of the tapped blocks."""
-        return self.blocks_onwards(self.block_output(image, -1), 0, taps)
+        """The last feature map (1280x7x7) and the pooled outputs of the tapped blocks.
+
+        With an image-only companion, its map is stacked after the own along the channels
+        (2560x7x7), and its taps are among the pooled ones under ``COMPANION_`` names (a tap's
+        name is part of its cache file's name).
+        """
+        if self.image_only is None:
+            return self.blocks_onwards(self.block_output(image, -1), 0, taps)
+        first = self.fine_tuned_from
+        assert first is not None
+        x = self.block_output(image, -1)
+        wanted = set(self.feature_taps if taps is None else taps)
+        pooled: dict[str, torch.Tensor] = {}
+        for index in range(first):
+            x = self.blocks_between(x, index, index)
+            if index in wanted:
+                pooled[f"block{index}"] = x.mean(dim=(2, 3))
+        own_map, own_taps = self.blocks_onwards(x, first, taps)
+        other_map, other_taps = self.image_only.blocks_onwards(x, first, taps)
+        pooled.update(own_taps)
+        shared = {n: v for n, v in pooled.items() if n not in other_taps}
+        pooled.update({f"{COMPANION}_{n}": v for n, v in {**shared, **other_taps}.items()})
+        return torch.cat([own_map, other_map], dim=1), pooled
 
     def block_output(self, image: torch.Tensor, last: int) -> torch.Tensor:
         """The output of block ``last`` (-1: of the stem), after mask and colour constancy.
@@ -426,7 +499,15 @@ class FusionNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Every tap's pooled features by name, the head's 1280 under ``HEAD_TAP``."""
         feature_map, pooled = self.feature_map_and_taps(image, taps)
-        return {HEAD_TAP: feature_map.mean(dim=(2, 3)), **pooled}
+        return {**self.pooled_maps(feature_map), **pooled}
+
+    def pooled_maps(self, feature_map: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pooled last feature map(s) of ``feature_map_and_taps`` by tap name."""
+        pooled = feature_map.mean(dim=(2, 3))
+        if self.image_only is None:
+            return {HEAD_TAP: pooled}
+        own, other = pooled.split(IMAGE_FEATURES, dim=1)
+        return {HEAD_TAP: own, f"{COMPANION}_{HEAD_TAP}": other}
 
     def image_features(self, image: torch.Tensor) -> torch.Tensor:
         """Image features of one view, in the order the head reads them."""
@@ -454,7 +535,36 @@ class FusionNet(nn.Module):
             raise ValueError("this FusionNet was built without calibrated=True")
         self.calibration.copy_(torch.tensor([scale, shift]))
 
+    def set_image_only_calibration(self, scale: float, shift: float) -> None:
+        """Platt scale and shift of the logit when nothing is known (the companion's alone)."""
+        if self.image_only is None or not self.calibrated:
+            raise ValueError("this FusionNet has no calibrated image-only companion")
+        self.image_only_calibration.copy_(torch.tensor([scale, shift]))
+
+    def known(self, metadata: torch.Tensor) -> torch.Tensor:
+        """Per row, whether any field is known (N x 1)."""
+        nothing = torch.from_numpy(encode_missing(1)).to(metadata)
+        return (metadata != nothing).any(dim=1, keepdim=True)
+
     def head(self, features: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        if self.image_only is not None:
+            return self._head_with_companion(features, metadata)
+        return self._fusion_head(features, metadata, calibrate=True)
+
+    def _head_with_companion(self, features: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        assert self.image_only is not None
+        own, other = features.split(self.image_feature_width, dim=1)
+        nothing = self.nothing_known.expand(len(features), -1)
+        alone = self.image_only.head(other, nothing)
+        fused = (self._fusion_head(own, metadata, calibrate=False) + alone) / 2
+        if self.calibrated:
+            fused = self.calibration[0] * fused + self.calibration[1]
+            alone = self.image_only_calibration[0] * alone + self.image_only_calibration[1]
+        return torch.where(self.known(metadata), fused, alone)
+
+    def _fusion_head(
+        self, features: torch.Tensor, metadata: torch.Tensor, calibrate: bool
+    ) -> torch.Tensor:
         logit = self.classifier(torch.cat([features, self.metadata_branch(metadata)], dim=1))
         if self.metadata_residual:
             nothing = self.nothing_known.expand(len(features), -1)
@@ -463,7 +573,7 @@ class FusionNet(nn.Module):
             correction = torch.where(known, logit - baseline, torch.zeros_like(logit))
             logit = self.image_classifier(features) + correction
         logit = logit + self.prior_logit(metadata)
-        if self.calibrated:
+        if self.calibrated and calibrate:
             logit = self.calibration[0] * logit + self.calibration[1]
         return logit
 
@@ -471,10 +581,38 @@ class FusionNet(nn.Module):
         """Logits over ``data.DIAGNOSIS_CLASSES`` from image features (an auxiliary task)."""
         if not self.diagnosis_classes:
             raise ValueError("this FusionNet was built without diagnosis_classes")
-        return self.diagnosis_classifier(features)
+        return self.diagnosis_classifier(features[:, : self.image_feature_width])
 
     def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
         return self.head(self.scoring_features(image), metadata)
+
+
+def with_image_only_companion(
+    fusion: FusionNet, image_only_model: FusionNet, options: dict[str, object]
+) -> FusionNet:
+    """One network from a trained fusion model and an image-only model trained beside it.
+
+    ``options`` are the network options with ``image_only_companion`` set; both models were built
+    from them without it. The image-only model's metadata prior and Platt scale must be unset
+    (with every field missing it never learns either), since the companion has neither.
+    """
+    if image_only_model.metadata_prior and bool(image_only_model.prior_weight.any()):
+        raise ValueError("the image-only model has a metadata prior")
+    if image_only_model.calibrated and not torch.equal(
+        image_only_model.calibration, torch.tensor([1.0, 0.0])
+    ):
+        raise ValueError("the image-only model is calibrated already")
+    combined = FusionNet(**{**options, "image_only_companion": True})  # type: ignore[arg-type]
+    state = combined.state_dict()
+    own = fusion.state_dict()
+    other = image_only_model.state_dict()
+    for name in state:
+        if name.startswith(f"{COMPANION}."):
+            state[name] = other[name.removeprefix(f"{COMPANION}.")]
+        elif name in own:
+            state[name] = own[name]
+    combined.load_state_dict(state)
+    return combined.eval()
 
 
 def _mlp(width: int, hidden: int, dropout: float, outputs: int = 1) -> nn.Sequential:

@@ -162,7 +162,7 @@ class EvaluationReport:
         self._confusion(labels, probabilities["fusion"], threshold, subsets, weights)
         self._subgroups(val, probabilities["fusion"], threshold)
         self._plots(labels, probabilities, subsets, weights)
-        self._markdown(metrics, network.metadata_residual)
+        self._markdown(metrics, network)
         log.info("evaluation report written to %s", self.output_dir)
         return metrics
 
@@ -390,7 +390,7 @@ class EvaluationReport:
         fig.savefig(self.output_dir / "reliability.png", dpi=100)
         plt.close(fig)
 
-    def _markdown(self, metrics: dict[str, Any], metadata_residual: bool) -> None:
+    def _markdown(self, metrics: dict[str, Any], network: FusionNet) -> None:
         lines = [
             "# Evaluation of the shipped weights",
             "",
@@ -432,12 +432,19 @@ class EvaluationReport:
         trained = json.loads((self.bundle_root / "models" / "validation_metrics.json").read_text())
         reference = trained.get("image_only_model", {})
         if reference:
-            how = (
-                "the network's own image path, which training fits first with every field "
-                "missing, so fusion with no metadata is this model by construction"
-                if metadata_residual
-                else "trained separately, alongside the shipped weights"
-            )
+            if network.image_only is not None:
+                how = (
+                    "the network's image-only companion, trained beside the fusion model; with "
+                    "no field known the network's logit is this model's, so fusion with no "
+                    "metadata is this model by construction"
+                )
+            elif network.metadata_residual:
+                how = (
+                    "the network's own image path, which training fits first with every field "
+                    "missing, so fusion with no metadata is this model by construction"
+                )
+            else:
+                how = "trained separately, alongside the shipped weights"
             lines += [
                 "",
                 "Against the image-only model (same recipe, metadata always missing; "

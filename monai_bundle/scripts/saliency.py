@@ -21,7 +21,8 @@ from monai_bundle.scripts.network import FusionNet
 from monai_bundle.scripts.transforms import IMAGE_SIZE
 
 # Name of the hooked layer inside ``_ImageOnlyNet``: the backbone's last feature map (after
-# the head conv, BN and ReLU6, 1280x7x7), i.e. exactly the tensor global pooling averages.
+# the head conv, BN and ReLU6, 1280x7x7; the companion's stacked after it, if there is one), i.e.
+# exactly the tensor global pooling averages.
 TARGET_LAYER = "feature_map"
 OVERLAY_ALPHA = 0.45
 
@@ -33,7 +34,10 @@ class _ImageOnlyNet(nn.Module):
     Grad-CAM); the feature map then passes through an ``nn.Identity`` that GradCAM hooks, so
     the hooked tensor is the rectified map that pooling sees, not a pre-activation. Pooled
     features of earlier blocks (``feature_taps``) enter the head as constants: the map shows
-    where the last feature map, the bulk of the image evidence, pushed the logit.
+    where the last feature map, the bulk of the image evidence, pushed the logit. With an
+    image-only companion the hooked map holds both models' maps along the channels, so the map
+    sums the evidence of whichever models the logit reads (the companion's alone when nothing
+    is known).
     """
 
     def __init__(self, network: FusionNet, metadata: torch.Tensor) -> None:
@@ -46,12 +50,11 @@ class _ImageOnlyNet(nn.Module):
         with torch.no_grad():
             feature_map, taps = self.network.feature_map_and_taps(image)
         feature_map = self.feature_map(feature_map.detach().requires_grad_(True))
-        # Same order as FusionNet.image_features: the pooled last map, then the block taps.
-        pooled = torch.cat(
-            [feature_map.mean(dim=(2, 3)), *(taps[n] for n in self.network.tap_names()[1:])], dim=1
-        )
+        # Same order as FusionNet.image_features: the pooled last map(s), then the block taps.
+        pooled = {**self.network.pooled_maps(feature_map), **taps}
+        features = torch.cat([pooled[n] for n in self.network.tap_names()], dim=1)
         metadata = self.metadata.expand(image.shape[0], -1)
-        return self.network.head(pooled, metadata)
+        return self.network.head(features, metadata)
 
 
 def _check_inputs(image: torch.Tensor, metadata: torch.Tensor) -> None:

@@ -6,6 +6,8 @@ options say), the ISIC 2020 table's metadata prior, metadata dropout, then a Pla
 fitted on validation at the real ISIC 2020 prevalence. With ``fine_tuned_from`` set in the network
 options, blocks from that index onwards are fine-tuned too, starting from cached output maps of
 the block below: the frozen lower blocks, most of a forward pass, run once per image and view.
+With ``image_only_companion`` in the network options, an image-only model is trained beside the
+fusion model by the same recipe (every field always missing) and shipped inside the network.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from monai_bundle.scripts.evaluation import (
 )
 from monai_bundle.scripts.features import block_maps, image_features
 from monai_bundle.scripts.metadata import drop_fields, encode_missing
-from monai_bundle.scripts.network import VIEWS, FusionNet
+from monai_bundle.scripts.network import VIEWS, FusionNet, with_image_only_companion
 from monai_bundle.scripts.priors import fit_metadata_prior, isic_table
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,7 @@ class FusionTrainer:
             raise ValueError("calibrate_on needs a network built with calibrated=True")
         self.calibrate_on = calibrate_on
         self.fine_tuned_from: int | None = self.network_options.get("fine_tuned_from")
+        self.image_only_companion = bool(self.network_options.get("image_only_companion"))
 
     def run(self) -> dict[str, Any]:
         torch.manual_seed(self.seed)
@@ -173,6 +176,7 @@ class FusionTrainer:
             labels[is_val].sum(),
         )
         self._fit_head(network, inputs, ~is_val)
+        network = self._with_companion(network, inputs, ~is_val)
         scoring = self.scoring_features(inputs, network)
         if self.fine_tuned_from is not None:
             # validation exactly as the service scores it: the whole network from the image
@@ -191,9 +195,26 @@ class FusionTrainer:
         return report
 
     def fresh_network(self) -> FusionNet:
-        """An untrained head on the ImageNet backbone, initialised exactly as ``run`` does."""
+        """An untrained head on the ImageNet backbone, initialised exactly as ``run`` does.
+
+        Without the image-only companion: fusion model and companion are trained apart, then
+        joined (``_with_companion``).
+        """
         torch.manual_seed(self.seed)
-        return FusionNet(imagenet_init=True, **self.network_options)
+        options = {k: v for k, v in self.network_options.items() if k != "image_only_companion"}
+        return FusionNet(imagenet_init=True, **options)
+
+    def _with_companion(
+        self, fusion: FusionNet, inputs: HeadInputs, is_train: np.ndarray
+    ) -> FusionNet:
+        """``fusion`` joined with an image-only model trained by this recipe on the same rows;
+        ``fusion`` itself where the options ask for no companion."""
+        if not self.image_only_companion:
+            return fusion
+        log.info("training the image-only companion (every field missing)")
+        image_only = self.fresh_network()
+        self._fit_head(image_only, _without_metadata(inputs), is_train)
+        return with_image_only_companion(fusion, image_only, self.network_options)
 
     def head_inputs(self, cases: Cases, network: FusionNet | None = None) -> HeadInputs:
         """Cached features, encoded metadata and labels of ``cases``, so folds share one cache.
@@ -284,7 +305,7 @@ class FusionTrainer:
         """
         network = self.fresh_network()
         self._fit_head(network, inputs, is_train)
-        return network
+        return self._with_companion(network, inputs, is_train)
 
     def _subsample(self, cases: Cases) -> Cases:
         """A small stratified subset (half melanoma) for smoke runs."""
@@ -489,9 +510,11 @@ class FusionTrainer:
     ) -> dict[str, Any] | None:
         """Fit the network's Platt scale/shift on validation logits, and measure it honestly.
 
-        Both input kinds are fitted together (with metadata, and all fields withheld), since the
-        service sees both. The ECE reported is cross-fitted: each half of the validation groups
-        is calibrated by a fit on the other half, so no case grades its own calibration.
+        Both input kinds are fitted (with metadata, and all fields withheld), since the service
+        sees both: together in one fit, or apart where an image-only companion gives the logit of
+        cases with nothing known (its own scale). The ECE reported is cross-fitted: each half of
+        the validation groups is calibrated by a fit on the other half, so no case grades its own
+        calibration.
         """
         if self.calibrate_on is None:
             return None
@@ -512,15 +535,28 @@ class FusionTrainer:
         unique = np.array(sorted(set(groups)))
         fold_of = dict(zip(unique, rng.permutation(len(unique)) % CALIBRATION_FOLDS, strict=True))
         fold = np.array([fold_of[g] for g in groups])
-        if any(len(set(labels[fold != k])) < 2 for k in range(CALIBRATION_FOLDS)):
+        # which Platt fit calibrates each logit: one for all, or the known / nothing-known kinds
+        if network.image_only is None:
+            kind = np.zeros(len(logits), bool)
+        else:
+            known = network.known(torch.from_numpy(metadata[rows])).numpy()[:, 0]
+            kind = np.concatenate([known, np.zeros(len(rows), bool)])
+        kinds = sorted(set(kind.tolist()))
+        if any(
+            len(set(labels[(fold != k) & (kind == c)])) < 2
+            for k in range(CALIBRATION_FOLDS)
+            for c in kinds
+        ):
             # a smoke run's few validation cases: a logistic fit needs both classes
             log.warning("calibration skipped: too few %s validation cases", self.calibrate_on)
             return {"population": self.calibrate_on, "skipped": "too few validation cases"}
-        scale, shift = _platt(logits, labels, weights)
+        fits = {c: _platt(logits[kind == c], labels[kind == c], weights[kind == c]) for c in kinds}
         crossed = np.empty(len(logits))
         for k in range(CALIBRATION_FOLDS):
-            a, b = _platt(logits[fold != k], labels[fold != k], weights[fold != k])
-            crossed[fold == k] = sigmoid(a * logits[fold == k] + b)
+            for c in kinds:
+                fit, scored = (fold != k) & (kind == c), (fold == k) & (kind == c)
+                a, b = _platt(logits[fit], labels[fit], weights[fit])
+                crossed[scored] = sigmoid(a * logits[scored] + b)
         half = len(rows)
         sources = np.tile(frame.source.to_numpy()[rows], 2)
         cross_fitted: dict[str, dict[str, float]] = {}
@@ -533,16 +569,28 @@ class FusionTrainer:
                     labels[part][m], crossed[part][m], weights[part][m]
                 )
             cross_fitted[str(source)] = entry
+        scale, shift = fits[kinds[-1]]
         network.set_calibration(scale, shift)
         log.info("calibration on %s: scale %.4f shift %.4f", self.calibrate_on, scale, shift)
-        return {
+        out: dict[str, Any] = {
             "method": "Platt scaling of the fusion logit",
             "population": self.calibrate_on,
             "isic2020_prevalence": "reweighted to the ISIC 2020 table's 540/29559",
             "scale": scale,
             "shift": shift,
-            "cross_fitted_ece": cross_fitted,
         }
+        if network.image_only is not None:
+            alone_scale, alone_shift = fits[False]
+            network.set_image_only_calibration(alone_scale, alone_shift)
+            log.info("image-only calibration: scale %.4f shift %.4f", alone_scale, alone_shift)
+            out["method"] = (
+                "Platt scaling of the mean fusion and image-only logit (any field known) and of "
+                "the image-only logit (nothing known), fitted apart"
+            )
+            out["image_only_scale"] = alone_scale
+            out["image_only_shift"] = alone_shift
+        out["cross_fitted_ece"] = cross_fitted
+        return out
 
     @torch.inference_mode()
     def _probabilities(
@@ -644,6 +692,10 @@ class FusionTrainer:
         image-only model is part of it.
         """
         none = encode_missing(len(inputs.labels))
+        if fusion.image_only is not None:
+            # the companion is that model (same seed, rows and recipe), and with nothing known
+            # the network's logit is the companion's under a monotone Platt scale
+            return self._logits(fusion, fusion_features, none)
         if fusion.metadata_residual:
             # the same recipe with every field missing trains exactly the image path that
             # fusion trains first (same seed, same draws): the image-only model is inside it, and

@@ -96,6 +96,39 @@ def test_metadata_residual_trains_the_image_only_model_first(
         assert subset["fusion_no_metadata_minus_image_only_model"]["difference"] == 0.0
 
 
+def test_the_image_only_companion_is_the_image_only_model_trained_beside_fusion(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """With ``image_only_companion`` the shipped network holds both models, each exactly as the
+    recipe trains it alone; with nothing known it *is* the image-only model (under its own Platt
+    scale), so it cannot rank worse than that model without metadata."""
+    trainer = _smoke_trainer(tmp_path, shared_data, {"image_only_companion": True})
+    report = trainer.run()
+    shipped = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    alone = _smoke_trainer(tmp_path, shared_data, {})
+    cases = alone._subsample(load_cases(shared_data))
+    is_val = split_by_group(cases, alone.val_fraction, alone.seed)
+    inputs = alone.head_inputs(cases)
+    fusion = alone.fit_fresh_head(inputs, ~is_val).state_dict()
+    image_only = alone.fit_fresh_head(_without_metadata(inputs), ~is_val).state_dict()
+    companion = {k.removeprefix("image_only."): v for k, v in shipped.items() if "image_only." in k}
+    assert companion and all(torch.equal(v, image_only[k]) for k, v in companion.items())
+    own = [k for k in shipped if not k.startswith("image_only") and k != "calibration"]
+    assert all(torch.equal(shipped[k], fusion[k]) for k in own)
+    assert not torch.equal(fusion["classifier.4.weight"], image_only["classifier.4.weight"])
+    _assert_only_the_top_blocks_moved(shipped)
+    calibration = report["calibration"]
+    assert "skipped" in calibration or (
+        calibration["image_only_scale"] != calibration["scale"]
+        and torch.equal(
+            shipped["image_only_calibration"],
+            torch.tensor([calibration["image_only_scale"], calibration["image_only_shift"]]),
+        )
+    )
+    for subset in report["image_only_model"].values():
+        assert subset["fusion_no_metadata_minus_image_only_model"]["difference"] == 0.0
+
+
 def test_diagnosis_head_is_trained_alongside_and_reported(
     tmp_path: Path, shared_data: Path
 ) -> None:

@@ -13,7 +13,9 @@ from monai_bundle.scripts.network import (
     FusionNet,
     ShadesOfGray,
     _denormalised,
+    with_image_only_companion,
 )
+from monai_bundle.scripts.saliency import saliency_map
 from monai_bundle.scripts.transforms import (
     IMAGE_SIZE,
     IMAGENET_MEAN,
@@ -265,3 +267,93 @@ def test_a_fine_tuned_backbone_never_reads_the_frozen_feature_cache() -> None:
     tuned_signature = imagenet.feature_signature()
     assert tuned_signature.startswith("field-of-view-0.56;backbone-")
     assert tuned_signature != frozen_signature
+
+
+def _companion_pair() -> tuple[FusionNet, FusionNet, FusionNet]:
+    """A fusion model and an image-only model with different top blocks and heads, joined."""
+    options: dict[str, object] = {
+        "feature_taps": (4, 14, 15),
+        "fine_tuned_from": 14,
+        "metadata_prior": True,
+        "calibrated": True,
+    }
+    torch.manual_seed(0)
+    fusion = FusionNet(imagenet_init=True, **options).eval()  # type: ignore[arg-type]
+    fusion.set_metadata_prior(np.linspace(-1, 1, METADATA_WIDTH).astype(np.float32))
+    torch.manual_seed(1)
+    image_only = FusionNet(imagenet_init=True, **options).eval()  # type: ignore[arg-type]
+    with torch.no_grad():  # as fine-tuning would: the two models' top blocks differ
+        for parameter in image_only.backbone._blocks[15].parameters():
+            parameter.mul_(1.1)
+    return fusion, image_only, with_image_only_companion(fusion, image_only, options)
+
+
+def test_the_image_only_companion_decides_alone_when_nothing_is_known() -> None:
+    fusion, image_only, joined = _companion_pair()
+    image = _samples()
+    known = torch.from_numpy(np.stack([encode_metadata(70.0, "male", "torso")] * 2))
+    age_only = torch.from_numpy(np.stack([encode_metadata(70.0, None, None)] * 2))
+    missing = torch.from_numpy(encode_missing(2))
+    with torch.no_grad():
+        own, other = fusion.image_features(image), image_only.image_features(image)
+        features = joined.image_features(image)
+        # both models' features, from one pass through the shared lower blocks
+        torch.testing.assert_close(features, torch.cat([own, other], dim=1))
+        assert not torch.allclose(own, other)
+        # nothing known: the image-only model's logit, whatever the fusion model says
+        torch.testing.assert_close(joined.head(features, missing), image_only.head(other, missing))
+        # anything known: the mean of the two models' logits, the prior included
+        for metadata in (known, age_only):
+            expected = (fusion.head(own, metadata) + image_only.head(other, missing)) / 2
+            torch.testing.assert_close(joined.head(features, metadata), expected)
+        # each kind has its own Platt scale
+        raw_known, raw_missing = joined.head(features, known), joined.head(features, missing)
+        joined.set_calibration(0.5, -2.0)
+        joined.set_image_only_calibration(2.0, 1.0)
+        torch.testing.assert_close(joined.head(features, known), 0.5 * raw_known - 2.0)
+        torch.testing.assert_close(joined.head(features, missing), 2.0 * raw_missing + 1.0)
+    # the shared lower blocks are stored once
+    names = joined.state_dict()
+    assert "image_only.backbone._blocks.15._project_conv.weight" in names
+    assert not any(n.startswith("image_only.backbone._blocks.13.") for n in names)
+
+
+def test_the_companion_scores_from_a_block_map_as_from_the_image() -> None:
+    """Training scores the joined network from cached block-13 maps: same features as the
+    image gives it end to end, and the same per-tap columns the feature cache stores."""
+    _, _, joined = _companion_pair()
+    image = _samples()
+    with torch.no_grad():
+        x = joined.block_output(image, 13)
+        pooled = joined.pooled_taps(image)
+        frozen = {"block4": pooled["block4"]}
+        from_map = joined.features_from_block(x, 14, frozen)
+        torch.testing.assert_close(from_map, joined.image_features(image))
+        columns = joined.tap_columns()
+        for name in joined.tap_names():
+            torch.testing.assert_close(from_map[:, columns[name]], pooled[name])
+    assert joined.tap_names()[-1] == "image_only_block15"
+    assert "image_only" in joined.feature_signature()
+
+
+def test_a_companion_needs_its_own_top_blocks_and_untouched_inputs() -> None:
+    with pytest.raises(ValueError, match="fine_tuned_from"):
+        FusionNet(image_only_companion=True)
+    with pytest.raises(ValueError, match="exclude"):
+        FusionNet(image_only_companion=True, fine_tuned_from=14, metadata_residual=True)
+    fusion, image_only, _ = _companion_pair()
+    image_only.set_metadata_prior(np.ones(METADATA_WIDTH, np.float32))
+    with pytest.raises(ValueError, match="prior"):
+        with_image_only_companion(fusion, image_only, {"fine_tuned_from": 14})
+
+
+def test_companion_saliency_with_nothing_known_is_the_image_only_models() -> None:
+    """Grad-CAM hooks both models' maps at once: with nothing known only the image-only model's
+    map carries gradient, so the map is that model's alone."""
+    _, image_only, joined = _companion_pair()
+    image = _samples()[0]
+    missing = torch.from_numpy(encode_missing(1)[0])
+    known = torch.from_numpy(encode_metadata(70.0, "male", "torso"))
+    alone = saliency_map(image_only, image, missing)
+    np.testing.assert_allclose(saliency_map(joined, image, missing), alone, atol=1e-5)
+    assert not np.allclose(saliency_map(joined, image, known), alone, atol=1e-3)
