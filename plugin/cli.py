@@ -75,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--without-image-only-model",
         action="store_true",
-        help="leave-one-clinic-out: skip the ablation's image-only model per fold (about 23 "
-        "minutes instead of 30, for screening recipes; the committed report has it)",
+        help="leave-one-clinic-out: skip the ablation's image-only model per fold, for "
+        "screening recipes (the committed report has it); saves time only for a recipe without "
+        "the image-only companion, which trains that model anyway",
     )
     return parser
 
