@@ -127,8 +127,14 @@ def test_smoke_run_never_trains_or_thresholds_on_the_held_out_clinic(
         for mode in ("fusion", "image_only", "image_only_model"):
             auc = roc_auc_score(on_clinic.label, on_clinic[f"{mode}_logit"])
             assert auc == pytest.approx(entry[mode]["auc"], abs=1e-3)
-        # the image-only model is a model of its own, not fusion with metadata withheld
-        assert not np.allclose(on_clinic.image_only_logit, on_clinic.image_only_model_logit)
+        if report["recipe"]["network_options"].get("image_only_companion"):
+            # the image-only model is the network's companion: with nothing known the network's
+            # logit is that model's, and with metadata it is a mean that differs from it
+            assert np.allclose(on_clinic.image_only_logit, on_clinic.image_only_model_logit)
+            assert not np.allclose(on_clinic.fusion_logit, on_clinic.image_only_model_logit)
+        else:
+            # the image-only model is a model of its own, not fusion with metadata withheld
+            assert not np.allclose(on_clinic.image_only_logit, on_clinic.image_only_model_logit)
         gap = report["ablation"]["fusion_minus_image_only_model"]["clinics"][clinic]
         assert gap["difference"] == pytest.approx(
             entry["fusion"]["auc"] - entry["image_only_model"]["auc"], abs=1e-3

@@ -80,7 +80,9 @@ def test_metadata_residual_trains_the_image_only_model_first(
 
     The image-only model is what the same recipe trains when every field is always missing.
     """
-    trainer = _smoke_trainer(tmp_path, shared_data, {"metadata_residual": True})
+    # the residual is the other way to "never worse without metadata"; the two exclude each other
+    options = {"metadata_residual": True, "image_only_companion": False}
+    trainer = _smoke_trainer(tmp_path, shared_data, options)
     report = trainer.run()
     fusion = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
     cases = trainer._subsample(load_cases(shared_data))
@@ -133,7 +135,8 @@ def test_diagnosis_head_is_trained_alongside_and_reported(
     tmp_path: Path, shared_data: Path
 ) -> None:
     """The auxiliary head learns to name diagnoses, and validation says how well it does."""
-    options = {"diagnosis_classes": len(DIAGNOSIS_CLASSES)}
+    # measured on the fusion model alone, as the option was (fresh_network has no companion)
+    options = {"diagnosis_classes": len(DIAGNOSIS_CLASSES), "image_only_companion": False}
     trainer = _smoke_trainer(tmp_path, shared_data, options, diagnosis_loss_weight=0.5)
     report = trainer.run()
     cases = trainer._subsample(load_cases(shared_data))
