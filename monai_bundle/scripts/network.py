@@ -327,10 +327,11 @@ class FusionNet(nn.Module):
             nn.ReLU(),
         )
         self.classifier = _mlp(self.image_feature_width + metadata_hidden, head_hidden, dropout)
+        # the encoding with every field missing, against which ``known`` compares (not saved)
+        self.register_buffer("nothing_known", torch.from_numpy(encode_missing(1)), False)
         self.metadata_residual = metadata_residual
         if metadata_residual:
             self.image_classifier = _mlp(self.image_feature_width, head_hidden, dropout)
-            self.register_buffer("nothing_known", torch.from_numpy(encode_missing(1)), False)
         self.diagnosis_classes = diagnosis_classes
         if diagnosis_classes:
             self.diagnosis_classifier = _mlp(
@@ -367,8 +368,6 @@ class FusionNet(nn.Module):
                 companion.backbone._blocks[index] = nn.Identity()
             self.image_only = companion
             self.register_buffer("image_only_calibration", torch.tensor([1.0, 0.0]))
-            if not metadata_residual:
-                self.register_buffer("nothing_known", torch.from_numpy(encode_missing(1)), False)
 
     def feature_signature(self) -> str:
         """What, besides the image, decides cached backbone features (part of the cache key).
@@ -458,10 +457,8 @@ class FusionNet(nn.Module):
                 pooled[f"block{index}"] = x.mean(dim=(2, 3))
         own_map, own_taps = self.blocks_onwards(x, first, taps)
         other_map, other_taps = self.image_only.blocks_onwards(x, first, taps)
-        pooled.update(own_taps)
-        shared = {n: v for n, v in pooled.items() if n not in other_taps}
-        pooled.update({f"{COMPANION}_{n}": v for n, v in {**shared, **other_taps}.items()})
-        return torch.cat([own_map, other_map], dim=1), pooled
+        companion = {f"{COMPANION}_{n}": v for n, v in {**pooled, **other_taps}.items()}
+        return torch.cat([own_map, other_map], dim=1), {**pooled, **own_taps, **companion}
 
     def block_output(self, image: torch.Tensor, last: int) -> torch.Tensor:
         """The output of block ``last`` (-1: of the stem), after mask and colour constancy.
@@ -543,8 +540,7 @@ class FusionNet(nn.Module):
 
     def known(self, metadata: torch.Tensor) -> torch.Tensor:
         """Per row, whether any field is known (N x 1)."""
-        nothing = torch.from_numpy(encode_missing(1)).to(metadata)
-        return (metadata != nothing).any(dim=1, keepdim=True)
+        return (metadata != self.nothing_known).any(dim=1, keepdim=True)
 
     def head(self, features: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
         if self.image_only is not None:
@@ -569,8 +565,7 @@ class FusionNet(nn.Module):
         if self.metadata_residual:
             nothing = self.nothing_known.expand(len(features), -1)
             baseline = self.classifier(torch.cat([features, self.metadata_branch(nothing)], dim=1))
-            known = (metadata != nothing).any(dim=1, keepdim=True)
-            correction = torch.where(known, logit - baseline, torch.zeros_like(logit))
+            correction = torch.where(self.known(metadata), logit - baseline, 0.0)
             logit = self.image_classifier(features) + correction
         logit = logit + self.prior_logit(metadata)
         if self.calibrated and calibrate:

@@ -569,7 +569,8 @@ class FusionTrainer:
                     labels[part][m], crossed[part][m], weights[part][m]
                 )
             cross_fitted[str(source)] = entry
-        scale, shift = fits[kinds[-1]]
+        # the network's own scale: of every case, or (with a companion) of the known-field kind
+        scale, shift = fits[network.image_only is not None]
         network.set_calibration(scale, shift)
         log.info("calibration on %s: scale %.4f shift %.4f", self.calibrate_on, scale, shift)
         out: dict[str, Any] = {
