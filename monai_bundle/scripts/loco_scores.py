@@ -11,6 +11,7 @@ Used for the model card's ensemble, lesion-size and out-of-clinic ablation rows:
     python -m monai_bundle.scripts.loco_scores ensemble RUN_DIR RUN_DIR [...]
     python -m monai_bundle.scripts.loco_scores size RUN_DIR --data-root ../shared/data
     python -m monai_bundle.scripts.loco_scores compare RUN_A:fusion RUN_B:image_only_model
+    python -m monai_bundle.scripts.loco_scores blend RUN_DIR
 """
 
 from __future__ import annotations
@@ -177,6 +178,62 @@ def paired_difference(
     }
 
 
+def fusion_model_logit(scores: pd.DataFrame, companion: bool) -> np.ndarray:
+    """The fusion model's own logit.
+
+    A run with the image-only companion scores the mean of the two models' logits wherever a
+    field is known, and the companion's alone where none is (there both sides are equal, and so
+    is this): undo the mean.
+    """
+    fusion = scores.fusion_logit.to_numpy()
+    if not companion:
+        return fusion
+    return 2.0 * fusion - scores[f"{IMAGE_ONLY_MODEL}_logit"].to_numpy()
+
+
+def blend(scores: pd.DataFrame, companion: bool, weights: np.ndarray) -> dict[str, Any]:
+    """Held-out AUC of ``w * fusion model + (1 - w) * image-only model`` for each weight, and of
+    the weight that a fold's threshold rows (its validation cases) would choose.
+
+    Answers whether the companion's equal weights should be tuned, without tuning them on the
+    held-out clinic.
+    """
+    if f"{IMAGE_ONLY_MODEL}_logit" not in scores:
+        raise ValueError("the run has no image_only_model scores to blend with")
+    fusion = fusion_model_logit(scores, companion)
+    frame = scores.assign(fusion_model=fusion)
+    clinics: dict[str, Any] = {}
+    for clinic, fold in frame.groupby("held_out_clinic", sort=False):
+        aucs = {}
+        for role in ("threshold", "held_out"):
+            rows = fold[fold.role == role]
+            aucs[role] = [
+                float(
+                    roc_auc_score(
+                        rows.label,
+                        w * rows.fusion_model + (1 - w) * rows[f"{IMAGE_ONLY_MODEL}_logit"],
+                    )
+                )
+                for w in weights
+            ]
+        chosen = int(np.argmax(aucs["threshold"]))
+        clinics[str(clinic)] = {
+            "chosen_weight": float(weights[chosen]),
+            "chosen_auc": aucs["held_out"][chosen],
+            "threshold_rows_auc": aucs["threshold"],
+            "held_out_auc": aucs["held_out"],
+        }
+    return {
+        "weights": [float(w) for w in weights],
+        "clinics": clinics,
+        "proxy_chosen": float(np.mean([c["chosen_auc"] for c in clinics.values()])),
+        "proxy_by_weight": [
+            float(np.mean([c["held_out_auc"][k] for c in clinics.values()]))
+            for k in range(len(weights))
+        ],
+    }
+
+
 def lesion_log_areas(data_root: str, cache: Path) -> pd.Series:
     """log(lesion area / image area) of every training image, by the service's segmentation.
 
@@ -224,8 +281,23 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument(
         "--seed", type=int, default=0, help="bootstrap seed (a run's own reports use its seed)"
     )
+    mix = sub.add_parser(
+        "blend",
+        help="fusion and image-only model logits mixed by weight, the weight chosen per fold "
+        "on its threshold rows",
+    )
+    mix.add_argument("run")
+    mix.add_argument("--steps", type=int, default=10, help="weights 0, 1/steps, ..., 1")
     args = parser.parse_args(argv)
-    if args.command == "compare":
+    if args.command == "blend":
+        report = Path(args.run) / "leave_one_clinic_out.json"
+        options = json.loads(report.read_text())["recipe"]["network_options"]
+        result = blend(
+            read_scores(args.run),
+            bool(options.get("image_only_companion", False)),
+            np.linspace(0.0, 1.0, args.steps + 1),
+        )
+    elif args.command == "compare":
         (run_a, mode_a), (run_b, mode_b) = (_run_and_mode(x) for x in (args.a, args.b))
         result = paired_difference(
             read_scores(run_a), mode_a, read_scores(run_b), mode_b, seed=args.seed

@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from monai_bundle.scripts.loco_scores import (
+    blend,
     ensemble,
     paired_difference,
     per_clinic,
@@ -138,3 +140,41 @@ def test_runs_that_held_out_different_cases_are_refused() -> None:
         paired_difference(run, "fusion", relabelled, "fusion")
     with pytest.raises(ValueError, match="no image_only_model scores"):
         paired_difference(run, "fusion", run, "image_only_model")
+
+
+def test_blend_of_the_committed_run_at_equal_weights_is_the_shipped_fusion() -> None:
+    """The companion's mean is undone exactly: weight 1/2 gives back the run's fusion AUCs,
+    weight 0 the image-only model's."""
+    report = json.loads((EVALUATION / "leave_one_clinic_out.json").read_text())
+    assert report["recipe"]["network_options"]["image_only_companion"]
+    result = blend(read_scores(EVALUATION), True, np.array([0.0, 0.5, 1.0]))
+    assert result["proxy_by_weight"][1] == pytest.approx(report["proxy_auc"], abs=1e-6)
+    for clinic, entry in report["clinics"].items():
+        mine = result["clinics"][clinic]
+        assert mine["held_out_auc"][1] == pytest.approx(entry["fusion"]["auc"], abs=1e-6)
+        assert mine["held_out_auc"][0] == pytest.approx(entry["image_only_model"]["auc"], abs=1e-6)
+
+
+def test_blend_chooses_on_threshold_rows_the_model_that_knows_the_label() -> None:
+    rng = np.random.default_rng(8)
+    run = _synthetic(7)
+    fusion_model = 3.0 * run.label + rng.normal(0, 1, len(run))
+    blind = rng.normal(0, 1, len(run))
+    # as a companion run writes it: the mean of the two, and the image-only model's own column
+    companion_run = run.assign(
+        fusion_logit=(fusion_model + blind) / 2, image_only_model_logit=blind
+    )
+    result = blend(companion_run, True, np.linspace(0.0, 1.0, 5))
+    for clinic, fold in companion_run.groupby("held_out_clinic"):
+        held = fold.role == "held_out"
+        mine = result["clinics"][clinic]
+        assert mine["chosen_weight"] > 0.5
+        assert mine["held_out_auc"][-1] == pytest.approx(
+            roc_auc_score(fold.label[held], fusion_model[fold.index[held]])
+        )
+        assert mine["held_out_auc"][0] < 0.65 < 0.9 < mine["chosen_auc"]
+    # without the companion the fusion column is the fusion model itself
+    plain = run.assign(fusion_logit=fusion_model, image_only_model_logit=blind)
+    assert blend(plain, False, np.linspace(0.0, 1.0, 5)) == result
+    with pytest.raises(ValueError, match="no image_only_model"):
+        blend(run, False, np.array([0.5]))
