@@ -6,7 +6,7 @@ member's fold is trained as it would be alone, on its own seed's split), and a f
 stacked onto a run's logit by a logistic fit on each fold's threshold split, never on the
 held-out clinic. Two runs (or two modes of one run) are compared on the same held-out cases
 with paired bootstrap intervals, per clinic and for the proxy. Neither needs training again.
-Used for the model card's ensemble, lesion-size and out-of-clinic ablation rows::
+Used for the model card's ensemble, lesion-size, out-of-clinic ablation and logit-weight rows::
 
     python -m monai_bundle.scripts.loco_scores ensemble RUN_DIR RUN_DIR [...]
     python -m monai_bundle.scripts.loco_scores size RUN_DIR --data-root ../shared/data

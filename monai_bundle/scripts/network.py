@@ -448,13 +448,8 @@ class FusionNet(nn.Module):
             return self.blocks_onwards(self.block_output(image, -1), 0, taps)
         first = self.fine_tuned_from
         assert first is not None
-        x = self.block_output(image, -1)
         wanted = set(self.feature_taps if taps is None else taps)
-        pooled: dict[str, torch.Tensor] = {}
-        for index in range(first):
-            x = self.blocks_between(x, index, index)
-            if index in wanted:
-                pooled[f"block{index}"] = x.mean(dim=(2, 3))
+        x, pooled = self._tapped_blocks(self.block_output(image, -1), 0, first, wanted)
         own_map, own_taps = self.blocks_onwards(x, first, taps)
         other_map, other_taps = self.image_only.blocks_onwards(x, first, taps)
         companion = {f"{COMPANION}_{n}": v for n, v in {**pooled, **other_taps}.items()}
@@ -482,14 +477,19 @@ class FusionNet(nn.Module):
         """Blocks ``first`` onwards and the head convolution, with the pooled taps among them."""
         wanted = set(self.feature_taps if taps is None else taps)
         backbone = self.backbone
+        x, pooled = self._tapped_blocks(x, first, len(backbone._blocks), wanted)
+        return backbone._swish(backbone._bn1(backbone._conv_head(x))), pooled
+
+    def _tapped_blocks(
+        self, x: torch.Tensor, first: int, stop: int, wanted: set[int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Blocks ``first`` up to ``stop`` (exclusive), with the ``wanted`` ones' outputs pooled."""
         pooled: dict[str, torch.Tensor] = {}
-        for index, block in enumerate(backbone._blocks):
-            if index < first:
-                continue
-            x = block(x, drop_connect_rate=None)
+        for index in range(first, stop):
+            x = self.backbone._blocks[index](x, drop_connect_rate=None)
             if index in wanted:
                 pooled[f"block{index}"] = x.mean(dim=(2, 3))
-        return backbone._swish(backbone._bn1(backbone._conv_head(x))), pooled
+        return x, pooled
 
     def pooled_taps(
         self, image: torch.Tensor, taps: Sequence[int] | None = None

@@ -536,12 +536,12 @@ class FusionTrainer:
         fold_of = dict(zip(unique, rng.permutation(len(unique)) % CALIBRATION_FOLDS, strict=True))
         fold = np.array([fold_of[g] for g in groups])
         # which Platt fit calibrates each logit: one for all, or the known / nothing-known kinds
+        # (a kind with no validation cases is caught below, as one with a single class)
         if network.image_only is None:
-            kind = np.zeros(len(logits), bool)
+            kind, kinds = np.zeros(len(logits), bool), [False]
         else:
             known = network.known(torch.from_numpy(metadata[rows])).numpy()[:, 0]
-            kind = np.concatenate([known, np.zeros(len(rows), bool)])
-        kinds = sorted(set(kind.tolist()))
+            kind, kinds = np.concatenate([known, np.zeros(len(rows), bool)]), [False, True]
         if any(
             len(set(labels[(fold != k) & (kind == c)])) < 2
             for k in range(CALIBRATION_FOLDS)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from monai_bundle.scripts.data import NO_DIAGNOSIS_CLASS
-from monai_bundle.scripts.metadata import METADATA_WIDTH
+from monai_bundle.scripts.metadata import METADATA_WIDTH, encode_metadata, encode_missing
 from monai_bundle.scripts.network import FusionNet
 from monai_bundle.scripts.training import FusionTrainer, clinic_prevalence_weights
 
@@ -129,3 +130,36 @@ def test_a_row_of_weight_zero_teaches_nothing() -> None:
     weighted, unweighted = trained
     for a, b in zip(weighted, unweighted, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_companion_calibration_without_known_fields_is_skipped_not_a_crash() -> None:
+    """With the companion each case kind gets its own Platt fit; validation cases that all
+    lack metadata leave the known-field fit without data, which must read as too few cases."""
+    options = {"calibrated": True, "feature_taps": [15], "fine_tuned_from": 14}
+    trainer = FusionTrainer(
+        data_root="unused",
+        cache_dir="unused",
+        output_dir="unused",
+        seed=5,
+        calibrate_on="all",
+        network={**options, "image_only_companion": True},
+    )
+    torch.manual_seed(0)
+    network = FusionNet(**options, image_only_companion=True).eval()  # type: ignore[arg-type]
+    rows = 40
+    rng = np.random.default_rng(0)
+    labels = np.arange(rows) % 2
+    width = 2 * network.image_feature_width  # the fusion model's features, then the companion's
+    features = (rng.normal(size=(rows, width)) + labels[:, None]).astype(np.float32)
+    frame = pd.DataFrame(
+        {"source": "ham10000", "label": labels, "group": [f"lesion{i}" for i in range(rows)]}
+    )
+    is_val = np.ones(rows, bool)
+    known = np.stack([encode_metadata(60.0, "female", "torso")] * rows)
+    fitted = trainer._calibrate(network, features, known, frame, is_val)
+    assert fitted is not None and "image_only_scale" in fitted
+    missing = encode_missing(rows)
+    assert trainer._calibrate(network, features, missing, frame, is_val) == {
+        "population": "all",
+        "skipped": "too few validation cases",
+    }
