@@ -1,8 +1,12 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) for one scored dermoscopy image.
 
 The report holds, per source image, one TID 1501 measurement group: the melanoma probability
-(DCM 111047), the decision at the operating point (DCM 121071 Finding), the algorithm (TID 4019,
-family DCM 123110), the finding site, and the demographics the model used with their sources.
+(DCM 111047), the decision at the operating point, the algorithm (TID 4019, family DCM 123110),
+the finding site, and the demographics the model used with their sources.
+
+The decision is coded as melanoma (SNOMED 1162635006) with a finding-context value, "Suspected"
+(415684004) or "NOT suspected" (428263003), rather than as "Finding: Malignant melanoma": at a
+high-sensitivity threshold many positives are benign, and a PACS shows the code meanings as is.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from plugin.domain import Demographics, Finding, ImageRef, ModelIdentity, Source
 
 PRIVATE_SCHEME = "99DERMFUSION"
 PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")
-FINDING = Code("121071", "DCM", "Finding")
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 MELANOMA = Code("1162635006", "SCT", "Malignant melanoma")
-NEGATIVE = Code("260385009", "SCT", "Negative")
+# The decision's values: SNOMED CT finding-context qualifiers (not a diagnosis).
+SUSPECTED = Code("415684004", "SCT", "Suspected")
+NOT_SUSPECTED = Code("428263003", "SCT", "NOT suspected")
 EVALUATION_PROCEDURE = Code("386053000", "SCT", "Evaluation procedure")
 SUBJECT_AGE = Code("121033", "DCM", "Subject Age")
 SUBJECT_SEX = Code("121032", "DCM", "Subject Sex")
@@ -146,7 +151,7 @@ class MeasurementReportWriter:
             )
         evaluations = [
             hd.sr.QualitativeEvaluation(
-                name=FINDING, value=MELANOMA if finding.melanoma_suspected else NEGATIVE
+                name=MELANOMA, value=SUSPECTED if finding.melanoma_suspected else NOT_SUSPECTED
             )
         ]
         if demographics.sex.value in SEX_CODES:
@@ -313,13 +318,17 @@ def read_reported_finding(sr: Dataset) -> ReportedFinding:
     threshold = num(OPERATING_THRESHOLD)
     if probability is None or threshold is None:
         raise ValueError("SR has no probability of cancer (DCM 111047) or no operating threshold")
+    decision = coded(MELANOMA)
+    if decision not in (SUSPECTED.value, NOT_SUSPECTED.value):
+        # Refuse rather than read an unknown or older coding as "not suspected".
+        raise ValueError(f"SR has no melanoma decision (SCT 1162635006 = {decision!r})")
     sex_code = coded(SUBJECT_SEX)
     site = values.get(("363698007", "SCT"))  # Finding Site
     source_image = next(i for i in _walk(sr.ContentSequence) if i.ValueType == "IMAGE")
     return ReportedFinding(
         probability=probability,
         threshold=threshold,
-        melanoma_suspected=coded(FINDING) == MELANOMA.value,
+        melanoma_suspected=decision == SUSPECTED.value,
         algorithm_name=str(values[("111001", "DCM")].TextValue),
         algorithm_version=str(values[("111003", "DCM")].TextValue),
         age=num(SUBJECT_AGE),

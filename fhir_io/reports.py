@@ -27,10 +27,13 @@ Built with ``fhir.resources.R4B`` models so that what we send is structurally va
     extension on the component, rather than a sibling "source" component, keeps each value and
     its provenance in one element (a sibling would have to be paired up by position or code).
 ``Observation`` — decision at the operating point
-    ``code`` SNOMED 1162635006 "Malignant melanoma"; ``valueCodeableConcept`` SNOMED 10828004
-    "Positive" (probability ≥ threshold) or 260385009 "Negative"; ``interpretation`` v3 POS/NEG;
-    component "Operating point (probability threshold)" → ``valueQuantity`` UCUM ``1``;
-    ``derivedFrom`` → the probability Observation.
+    ``code`` SNOMED 1162635006 "Malignant melanoma", text "Suspicion of melanoma at the operating
+    point (AI)"; ``valueCodeableConcept`` SNOMED 415684004 "Suspected", text "Suspicious for
+    melanoma" (probability ≥ threshold), or 428263003 "NOT suspected", text "Not suspicious for
+    melanoma at the operating point"; ``interpretation`` v3 POS/NEG; component "Operating point
+    (probability threshold)" → ``valueQuantity`` UCUM ``1``; ``derivedFrom`` → the probability
+    Observation. A suspicion, not "Positive" for the disorder: at a high-sensitivity threshold
+    many positives are benign (the SR codes the decision the same way).
 ``DiagnosticReport``
     ``status`` final, ``category`` DCM DMS "Dermoscopy", ``code`` text "Dermoscopy melanoma risk
     (AI)", ``subject``, ``issued``, ``result`` → both Observations, one-line ``conclusion``;
@@ -111,8 +114,11 @@ AIAST = _coding(OBSERVATION_VALUE, "AIAST", "Artificial Intelligence asserted")
 PROBABILITY_OF_CANCER = _coding(DCM, "111047", "Probability of cancer")
 FINDING = _coding(DCM, "121071", "Finding")
 MELANOMA = _coding(SCT, "1162635006", "Malignant melanoma")
-POSITIVE = _coding(SCT, "10828004", "Positive")
-NEGATIVE = _coding(SCT, "260385009", "Negative")
+# SNOMED CT finding-context qualifiers, as in the SR: the decision is a suspicion, not a diagnosis.
+SUSPECTED = _coding(SCT, "415684004", "Suspected")
+NOT_SUSPECTED = _coding(SCT, "428263003", "NOT suspected")
+SUSPECTED_TEXT = "Suspicious for melanoma"
+NOT_SUSPECTED_TEXT = "Not suspicious for melanoma at the operating point"
 ARTIFICIAL_INTELLIGENCE = _coding(DCM, "123110", "Artificial Intelligence")
 DERMOSCOPY = _coding(DCM, "DMS", "Dermoscopy")
 SUBJECT_AGE = (_coding(DCM, "121033", "Subject Age"), _coding(LOINC, "30525-0", "Age"))
@@ -218,11 +224,11 @@ def report_bundle(
             Observation(
                 identifier=[decision.identifier()],
                 code=CodeableConcept(
-                    coding=[MELANOMA], text="Melanoma suspected at the operating point (AI)"
+                    coding=[MELANOMA], text="Suspicion of melanoma at the operating point (AI)"
                 ),
                 valueCodeableConcept=CodeableConcept(
-                    coding=[POSITIVE if suspected else NEGATIVE],
-                    text="Melanoma suspected" if suspected else "Melanoma not suspected",
+                    coding=[SUSPECTED if suspected else NOT_SUSPECTED],
+                    text=SUSPECTED_TEXT if suspected else NOT_SUSPECTED_TEXT,
                 ),
                 interpretation=[
                     CodeableConcept(
@@ -273,9 +279,9 @@ def report_bundle(
 
 def conclusion_text(finding: Finding) -> str:
     """One line for the EHR's result list; says it is the algorithm's output, not a diagnosis."""
-    verdict, op = ("suspected", ">=") if finding.melanoma_suspected else ("not suspected", "<")
+    verdict, op = ("Suspicious", ">=") if finding.melanoma_suspected else ("Not suspicious", "<")
     return (
-        f"Melanoma {verdict} by AI ({finding.model.name} {finding.model.version}): probability "
+        f"{verdict} for melanoma by AI ({finding.model.name} {finding.model.version}): probability "
         f"{finding.probability:.3f} {op} operating point {finding.threshold:.3f}. "
         "Decision support, not a diagnosis."
     )

@@ -113,7 +113,7 @@ def test_resend_creates_nothing_and_the_report_reads_back(fhir_server: str) -> N
             "fhir:Patient.gender",
             "dicom:AnatomicRegionSequence",
         ]
-        assert decision["valueCodeableConcept"]["coding"][0]["code"] == "10828004"
+        assert decision["valueCodeableConcept"]["coding"][0]["code"] == "415684004"  # Suspected
         assert decision["derivedFrom"] == [{"reference": probability_ref}]
         for observation in (probability, decision):
             assert observation["subject"] == {"reference": patient_ref}
@@ -148,7 +148,7 @@ def test_report_without_patient_id(fhir_server: str) -> None:
             "DiagnosticReport", {"identifier": f"urn:oid:{_image(2).study_instance_uid}"}
         )
         assert "subject" not in report
-        assert report["conclusion"].startswith("Melanoma not suspected by AI")
+        assert report["conclusion"].startswith("Not suspicious for melanoma by AI")
 
 
 def test_ehr_patient_is_found_and_reused(fhir_server: str) -> None:

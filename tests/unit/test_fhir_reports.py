@@ -269,9 +269,14 @@ def test_probability_observation_carries_the_inputs_and_their_sources() -> None:
 @pytest.mark.parametrize(
     ("probability", "value", "interpretation", "text"),
     [
-        (0.83, ("10828004", "Positive"), ("POS", "Positive"), "Melanoma suspected"),
-        (0.5, ("10828004", "Positive"), ("POS", "Positive"), "Melanoma suspected"),  # == threshold
-        (0.4999, ("260385009", "Negative"), ("NEG", "Negative"), "Melanoma not suspected"),
+        (0.83, ("415684004", "Suspected"), ("POS", "Positive"), "Suspicious for melanoma"),
+        (0.5, ("415684004", "Suspected"), ("POS", "Positive"), "Suspicious for melanoma"),  # ==
+        (
+            0.4999,
+            ("428263003", "NOT suspected"),
+            ("NEG", "Negative"),
+            "Not suspicious for melanoma at the operating point",
+        ),
     ],
 )
 def test_decision_observation(
@@ -283,7 +288,7 @@ def test_decision_observation(
         **_common(f"{REPORT_KEY}:decision"),
         "code": {
             "coding": [{"system": SCT, "code": "1162635006", "display": "Malignant melanoma"}],
-            "text": "Melanoma suspected at the operating point (AI)",
+            "text": "Suspicion of melanoma at the operating point (AI)",
         },
         "valueCodeableConcept": {
             "coding": [{"system": SCT, "code": value[0], "display": value[1]}],
@@ -310,6 +315,26 @@ def test_decision_observation(
     }
 
 
+@pytest.mark.parametrize("probability", [0.83, 0.12])
+def test_melanoma_is_never_stated_as_a_diagnosis(probability: float) -> None:
+    """Melanoma is coded only as what the probability is of and what the decision is about."""
+    bundle = _build(probability=probability)
+    probability_obs, decision = (e["resource"] for e in _by_type(bundle)["Observation"])
+    values = [
+        coding["code"]
+        for resource in (probability_obs, decision)
+        for concept in [resource.get("valueCodeableConcept", {})]
+        + [c.get("valueCodeableConcept", {}) for c in resource.get("component", [])]
+        for coding in concept.get("coding", [])
+    ]
+    assert values.count("1162635006") == 1  # the probability's "Finding" component
+    assert probability_obs["component"][0]["code"]["coding"][0]["code"] == "121071"
+    assert decision["code"]["coding"][0]["code"] == "1162635006"
+    report = _by_type(bundle)["DiagnosticReport"][0]["resource"]
+    assert "Malignant melanoma" not in report["conclusion"]
+    assert report["conclusion"].endswith("Decision support, not a diagnosis.")
+
+
 def test_diagnostic_report() -> None:
     report = _by_type(_build())["DiagnosticReport"][0]["resource"]
     assert report == {
@@ -330,12 +355,12 @@ def test_diagnostic_report() -> None:
         "subject": {"reference": PATIENT_URN},
         "issued": "2024-05-06T07:08:07Z",
         "result": [{"reference": PROBABILITY_URN}, {"reference": DECISION_URN}],
-        "conclusion": "Melanoma suspected by AI (fusionnet 1.2.0): probability 0.830 >= operating "
-        "point 0.500. Decision support, not a diagnosis.",
+        "conclusion": "Suspicious for melanoma by AI (fusionnet 1.2.0): probability 0.830 >= "
+        "operating point 0.500. Decision support, not a diagnosis.",
     }
     negative = _by_type(_build(probability=0.12))["DiagnosticReport"][0]["resource"]
     assert negative["conclusion"] == (
-        "Melanoma not suspected by AI (fusionnet 1.2.0): probability 0.120 < operating "
+        "Not suspicious for melanoma by AI (fusionnet 1.2.0): probability 0.120 < operating "
         "point 0.500. Decision support, not a diagnosis."
     )
 

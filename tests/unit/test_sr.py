@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,23 @@ def _demographics() -> Demographics:
     )
 
 
+def _items(items: pydicom.Sequence) -> Iterator[pydicom.Dataset]:
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from _items(item.ContentSequence)
+
+
+def _decision(sr: pydicom.Dataset) -> pydicom.Dataset:
+    """The one CODE item whose concept name is melanoma (SNOMED 1162635006)."""
+    (item,) = [
+        i
+        for i in _items(sr.ContentSequence)
+        if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == "1162635006"
+    ]
+    return item
+
+
 def _build(probability: float, demographics: Demographics) -> pydicom.Dataset:
     image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
     return MeasurementReportWriter().build(
@@ -63,6 +81,47 @@ def test_round_trip_of_everything_the_report_says(tmp_path: Path) -> None:
     assert sr.PatientID == source.PatientID
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
     assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.parametrize(
+    ("probability", "value", "meaning"),
+    [
+        (0.8125, "415684004", "Suspected"),
+        (0.25, "415684004", "Suspected"),  # == threshold
+        (math.nextafter(0.25, 0.0), "428263003", "NOT suspected"),
+        (0.1, "428263003", "NOT suspected"),
+    ],
+)
+def test_decision_reads_as_a_suspicion_not_a_diagnosis(
+    probability: float, value: str, meaning: str
+) -> None:
+    sr = _build(probability, _demographics())
+    item = _decision(sr)
+    name, coded = item.ConceptNameCodeSequence[0], item.ConceptCodeSequence[0]
+    assert (name.CodingSchemeDesignator, name.CodeMeaning) == ("SCT", "Malignant melanoma")
+    assert (coded.CodingSchemeDesignator, coded.CodeValue, coded.CodeMeaning) == (
+        "SCT",
+        value,
+        meaning,
+    )
+    assert item.RelationshipType == "CONTAINS"
+    # Nowhere is melanoma the value of a finding (the old "Finding: Malignant melanoma").
+    assert not [
+        i
+        for i in _items(sr.ContentSequence)
+        if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeValue == "1162635006"
+    ]
+    assert read_reported_finding(sr).melanoma_suspected == (meaning == "Suspected")
+
+
+def test_reader_refuses_an_sr_without_a_known_decision() -> None:
+    sr = _build(0.8125, _demographics())
+    old_style = _decision(sr)  # rewritten to the old "Finding: Malignant melanoma"
+    name, value = old_style.ConceptNameCodeSequence[0], old_style.ConceptCodeSequence[0]
+    name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "121071", "DCM", "Finding"
+    value.CodeValue, value.CodeMeaning = "1162635006", "Malignant melanoma"
+    with pytest.raises(ValueError, match="no melanoma decision"):
+        read_reported_finding(sr)
 
 
 def test_below_threshold_is_negative_and_missing_fields_say_so() -> None:
