@@ -137,7 +137,7 @@ class ReportPipeline:
                 capture = self.capture_writer.build(
                     source=image.dataset,
                     ref=image.ref,
-                    overlay=overlay_rgb(image.rgb, saliency, native_size=True),
+                    overlay=overlay_rgb(image.rgb, saliency),
                     model=finding.model,
                 )
             reports.append(ImageReport(image, demo, finding, sr, bundle, saliency, capture))

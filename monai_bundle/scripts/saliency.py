@@ -20,10 +20,10 @@ from monai_bundle.scripts.metadata import METADATA_WIDTH
 from monai_bundle.scripts.network import FusionNet
 from monai_bundle.scripts.transforms import IMAGE_SIZE
 
-# Name of the hooked layer inside ``_ImageOnlyNet``: the backbone's last feature map (after
-# the head conv, BN and ReLU6, 1280x7x7; the companion's stacked after it, if there is one), i.e.
-# exactly the tensor global pooling averages.
+# Name of the hooked layer inside ``_ImageOnlyNet``: the backbone's last feature map (after the
+# head conv, BN and swish, 1280x7x7), i.e. exactly the tensor global pooling averages.
 TARGET_LAYER = "feature_map"
+# Weight of the colour map at saliency 1 in ``overlay_rgb``; it falls linearly to 0 at saliency 0.
 OVERLAY_ALPHA = 0.45
 
 
@@ -32,12 +32,7 @@ class _ImageOnlyNet(nn.Module):
 
     The backbone runs without autograd (nothing below the last feature map is needed for
     Grad-CAM); the feature map then passes through an ``nn.Identity`` that GradCAM hooks, so
-    the hooked tensor is the rectified map that pooling sees, not a pre-activation. Pooled
-    features of earlier blocks (``feature_taps``) enter the head as constants: the map shows
-    where the last feature map, the bulk of the image evidence, pushed the logit. With an
-    image-only companion the hooked map holds both models' maps along the channels, so the map
-    sums the evidence of whichever models the logit reads (the companion's alone when nothing
-    is known).
+    the hooked tensor is the map that pooling sees, not a pre-activation.
     """
 
     def __init__(self, network: FusionNet, metadata: torch.Tensor) -> None:
@@ -48,13 +43,10 @@ class _ImageOnlyNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            feature_map, taps = self.network.feature_map_and_taps(image)
+            feature_map = self.network.feature_map(image)
         feature_map = self.feature_map(feature_map.detach().requires_grad_(True))
-        # Same order as FusionNet.image_features: the pooled last map(s), then the block taps.
-        pooled = {**self.network.pooled_maps(feature_map), **taps}
-        features = torch.cat([pooled[n] for n in self.network.tap_names()], dim=1)
         metadata = self.metadata.expand(image.shape[0], -1)
-        return self.network.head(features, metadata)
+        return self.network.head(feature_map.mean(dim=(2, 3)), metadata)
 
 
 def _check_inputs(image: torch.Tensor, metadata: torch.Tensor) -> None:
@@ -109,30 +101,37 @@ def jet_colours(values: np.ndarray) -> np.ndarray:
     return np.round(rgb * 255.0).astype(np.uint8)
 
 
-def overlay_rgb(rgb: np.ndarray, saliency: np.ndarray, native_size: bool = False) -> np.ndarray:
-    """The image blended with the map, as HxWx3 uint8.
+def overlay_rgb(rgb: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    """The source image, at its own size and colours, tinted by the map, as HxWx3 uint8.
 
-    At 224x224 (as the network saw it) by default; with ``native_size`` the map is stretched to
-    the image's own size instead, for viewing next to the original in a PACS.
+    The 224x224 map is stretched bilinearly to the image's HxW (the network saw the image
+    squashed to 224x224, so stretching back lines the map up with the source pixels). Each pixel
+    is blended as ``(1 - w) * source + w * jet(s)`` with ``w = OVERLAY_ALPHA * s``: the tint grows
+    with the evidence, so where the map is 0 the pixel is the source's own (the reviewer sees the
+    lesion's true colours where the model found nothing), and the most salient pixels keep
+    ``1 - OVERLAY_ALPHA`` of their own colour under the red.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got {rgb.shape} {rgb.dtype}")
     if saliency.shape != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"saliency must be {IMAGE_SIZE}x{IMAGE_SIZE}, got {saliency.shape}")
-    image = Image.fromarray(rgb)
-    heat = saliency
-    if native_size:
-        size = image.size
-        heat_image = Image.fromarray(saliency.astype(np.float32), mode="F")
-        heat = np.asarray(heat_image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    elif image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
-    base = np.asarray(image, dtype=np.float32)
+    heat = _stretch(saliency, rgb.shape[0], rgb.shape[1])
+    weight = (OVERLAY_ALPHA * heat)[..., None]
     colours = jet_colours(heat).astype(np.float32)
-    blended = (1.0 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * colours
+    blended = (1.0 - weight) * rgb.astype(np.float32) + weight * colours
+    # At s = 0 this is 1.0 * source + 0.0 * colour, exact in float32: the source pixel itself.
     return np.round(blended).clip(0, 255).astype(np.uint8)
 
 
+def _stretch(saliency: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """The map resized bilinearly to rows x columns, kept in [0, 1] (float32)."""
+    heat = np.clip(np.nan_to_num(saliency.astype(np.float32), nan=0.0), 0.0, 1.0)
+    if heat.shape == (rows, columns):
+        return heat
+    resized = Image.fromarray(heat).resize((columns, rows), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
 def overlay_png(rgb: np.ndarray, saliency: np.ndarray, path: Path) -> None:
-    """Write the image (resized to 224x224, as the network saw it) blended with the map."""
+    """Write ``overlay_rgb`` as a PNG: the source image at its own size, tinted by the map."""
     Image.fromarray(overlay_rgb(rgb, saliency)).save(Path(path), format="PNG")

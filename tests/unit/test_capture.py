@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.capture import SECONDARY_CAPTURE_IMAGE_STORAGE, SaliencyCaptureWriter
-from dicom_io.images import UnsupportedInstanceError, read_image
-from monai_bundle.scripts.saliency import overlay_rgb
-from plugin.domain import ModelIdentity
+from dicom_io.images import DermoscopyImage, UnsupportedInstanceError, read_image
+from monai_bundle.scripts.saliency import OVERLAY_ALPHA, jet_colours, overlay_rgb
+from plugin.domain import Demographics, Finding, ModelIdentity
+from plugin.pipeline import ReportPipeline
 from tests.conftest import SAMPLES, dciodvfy_errors
 
 MODEL = ModelIdentity(name="dermfusion-melanoma", version="9.9.9")
@@ -24,10 +27,34 @@ def _saliency() -> np.ndarray:
     return heat
 
 
+def _source_300x400(tmp_path: Path) -> DermoscopyImage:
+    """A VL Photographic image of 300 rows by 400 columns (not the network's 224x224)."""
+    ds = pydicom.dcmread(SAMPLES / "vlp_img2dcm.dcm")
+    r, c = np.mgrid[0:300, 0:400]
+    rgb = np.stack([40 + r // 2, 60 + c * 3 // 8, (r + c) % 97 + 80], axis=-1).astype(np.uint8)
+    del ds.PixelData  # the encapsulated JPEG, with its undefined length
+    ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.PixelData = rgb.tobytes()
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "source.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    image = read_image(path)
+    assert np.array_equal(image.rgb, rgb)
+    return image
+
+
+def _redness(pixels: np.ndarray) -> np.ndarray:
+    pixels = pixels.astype(np.int32)
+    return pixels[..., 0] - np.maximum(pixels[..., 1], pixels[..., 2])
+
+
 @pytest.mark.parametrize("name", ["dms_jpeg_baseline.dcm", "vlp_img2dcm.dcm"])
 def test_capture_is_valid_dicom_in_the_source_study(name: str, tmp_path: Path) -> None:
     image = read_image(SAMPLES / name)
-    overlay = overlay_rgb(image.rgb, _saliency(), native_size=True)
+    overlay = overlay_rgb(image.rgb, _saliency())
     capture = SaliencyCaptureWriter().build(
         source=image.dataset, ref=image.ref, overlay=overlay, model=MODEL
     )
@@ -47,11 +74,68 @@ def test_capture_is_valid_dicom_in_the_source_study(name: str, tmp_path: Path) -
     # the hot square is red-tinted in the middle and the corner keeps the image's colours
     middle = pixels[pixels.shape[0] // 2, pixels.shape[1] // 2].astype(int)
     assert middle[0] > middle[2]
+    assert np.array_equal(pixels[0, 0], image.rgb[0, 0])
+
+
+def test_capture_is_the_source_at_its_own_rows_columns_and_colours(tmp_path: Path) -> None:
+    image = _source_300x400(tmp_path)
+    overlay = overlay_rgb(image.rgb, _saliency())
+    capture = SaliencyCaptureWriter().build(
+        source=image.dataset, ref=image.ref, overlay=overlay, model=MODEL
+    )
+    path = tmp_path / "capture.dcm"
+    capture.save_as(path, enforce_file_format=True)
+    written = pydicom.dcmread(path)
+    assert (written.Rows, written.Columns) == (image.dataset.Rows, image.dataset.Columns)
+    assert (written.Rows, written.Columns) == (300, 400)
+    pixels = written.pixel_array
+    assert pixels.shape == image.rgb.shape
+    # Away from the hot square (rows 107-193, columns 143-257 once stretched) the map is 0, so
+    # the pixels are the source's own; in its core they are the source blended with jet red.
+    cold = np.ones((300, 400), bool)
+    cold[100:200, 135:265] = False
+    assert np.array_equal(pixels[cold], image.rgb[cold])
+    core = (slice(115, 185), slice(150, 250))
+    red = jet_colours(np.float32(1.0)).astype(np.float32)
+    expected = (1 - OVERLAY_ALPHA) * image.rgb[core] + OVERLAY_ALPHA * red
+    assert np.abs(pixels[core] - expected).max() <= 1.0
+    assert (_redness(pixels[core]) > _redness(image.rgb[core]) + 20).all()
+
+
+class _StubModel:
+    """Scores every image 0.7 with a hot square of saliency: the pipeline without a network."""
+
+    identity = MODEL
+
+    def score(self, rgbs: list[np.ndarray], demographics: list[Demographics]) -> list[Finding]:
+        return [Finding(0.7, 0.5, MODEL) for _ in rgbs]
+
+    def saliency(self, rgb: np.ndarray, demographics: Demographics) -> np.ndarray:
+        return _saliency()
+
+
+def test_pipeline_png_and_capture_are_the_same_overlay_at_the_source_size(
+    tmp_path: Path,
+) -> None:
+    image = _source_300x400(tmp_path)
+    pipeline = ReportPipeline(
+        _StubModel(),  # type: ignore[arg-type]
+        "urn:test",
+        capture_writer=SaliencyCaptureWriter(),
+    )
+    (report,) = pipeline.run([image], [Demographics.unknown()])
+    files = report.write_files(tmp_path / "out")
+    assert files.capture is not None
+    with Image.open(files.saliency) as png:
+        assert png.size == (400, 300) and png.mode == "RGB"
+        drawn = np.asarray(png)
+    assert np.array_equal(drawn, overlay_rgb(image.rgb, _saliency()))
+    assert np.array_equal(pydicom.dcmread(files.capture).pixel_array, drawn)
 
 
 def test_same_source_and_model_give_the_same_uids() -> None:
     image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
-    overlay = overlay_rgb(image.rgb, _saliency(), native_size=True)
+    overlay = overlay_rgb(image.rgb, _saliency())
     build = SaliencyCaptureWriter().build
     first = build(source=image.dataset, ref=image.ref, overlay=overlay, model=MODEL)
     again = build(source=image.dataset, ref=image.ref, overlay=overlay, model=MODEL)
@@ -67,7 +151,7 @@ def test_same_source_and_model_give_the_same_uids() -> None:
 
 def test_our_own_capture_is_refused_as_input(tmp_path: Path) -> None:
     image = read_image(SAMPLES / "vlp_img2dcm.dcm")
-    overlay = overlay_rgb(image.rgb, _saliency(), native_size=True)
+    overlay = overlay_rgb(image.rgb, _saliency())
     capture = SaliencyCaptureWriter().build(
         source=image.dataset, ref=image.ref, overlay=overlay, model=MODEL
     )

@@ -54,7 +54,7 @@ def test_pipeline_reports_lesion_size_in_mm_when_the_image_has_a_pixel_spacing(
     files = report.write_files(tmp_path)
     assert read_reported_finding(pydicom.dcmread(files.sr)) == back
     with Image.open(files.saliency) as png:
-        assert png.size == (224, 224) and png.mode == "RGB"
+        assert png.size == (columns, rows) and png.mode == "RGB"  # the source's own
 
 
 def test_attributions_and_lesion_reach_the_sr_and_the_fhir_observation() -> None:

@@ -12,7 +12,13 @@ from PIL import Image
 from monai_bundle.scripts.lesion import measure_lesion
 from monai_bundle.scripts.metadata import encode_metadata
 from monai_bundle.scripts.network import field_of_view_mask
-from monai_bundle.scripts.saliency import jet_colours, overlay_png, saliency_map
+from monai_bundle.scripts.saliency import (
+    OVERLAY_ALPHA,
+    jet_colours,
+    overlay_png,
+    overlay_rgb,
+    saliency_map,
+)
 from monai_bundle.scripts.transforms import IMAGE_SIZE, load_rgb, preprocess_rgb
 from tests.conftest import SAMPLES
 
@@ -122,7 +128,55 @@ def test_rejects_unpreprocessed_inputs(fusion_model, inputs) -> None:  # type: i
         saliency_map(fusion_model.network, image, metadata[:5])
 
 
-def test_overlay_png_is_a_224_rgb_png(
+def _source(rows: int = 300, columns: int = 400) -> np.ndarray:
+    """A non-square, non-224 image whose every pixel differs, so misplacement shows."""
+    r, c = np.mgrid[0:rows, 0:columns]
+    rgb = np.stack([40 + r * 150 // rows, 60 + c * 150 // columns, (r + c) % 97 + 80], axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def _hot_square() -> np.ndarray:
+    """Saliency 1 on the middle square of the network's 224x224 view, 0 elsewhere."""
+    heat = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    heat[80:144, 80:144] = 1.0
+    return heat
+
+
+def _redness(pixels: np.ndarray) -> np.ndarray:
+    pixels = pixels.astype(np.int32)
+    return pixels[..., 0] - np.maximum(pixels[..., 1], pixels[..., 2])
+
+
+def test_overlay_is_drawn_on_the_source_at_its_own_size_and_colours() -> None:
+    rgb = _source()
+    overlay = overlay_rgb(rgb, _hot_square())
+    assert overlay.shape == rgb.shape == (300, 400, 3)
+    assert overlay.dtype == np.uint8
+    # The square is rows 80-144 of 224 (107-193 of 300) and columns 80-144 (143-257 of 400);
+    # outside it, with a margin for the bilinear stretch, the map is 0: the source, untouched.
+    cold = np.ones((300, 400), bool)
+    cold[100:200, 135:265] = False
+    assert np.array_equal(overlay[cold], rgb[cold])
+    # Inside, the pixels are the documented blend of the source with jet red, hence reddened.
+    core = (slice(115, 185), slice(150, 250))
+    expected = (1 - OVERLAY_ALPHA) * rgb[core] + OVERLAY_ALPHA * jet_colours(np.float32(1.0))
+    assert np.abs(overlay[core].astype(np.float32) - expected).max() <= 1.0
+    assert (_redness(overlay[core]) > _redness(rgb[core]) + 20).all()
+
+
+@pytest.mark.parametrize("level", [0.0, 0.25, 0.5, 1.0])
+def test_blend_weight_grows_with_saliency(level: float) -> None:
+    """Weight ``OVERLAY_ALPHA * s``: at s = 0 the source exactly, at s = 1 ``OVERLAY_ALPHA``."""
+    rgb = _source(90, 70)
+    overlay = overlay_rgb(rgb, np.full((IMAGE_SIZE, IMAGE_SIZE), level, np.float32))
+    weight = OVERLAY_ALPHA * level
+    expected = (1 - weight) * rgb + weight * jet_colours(np.float32(level)).astype(np.float32)
+    assert np.abs(overlay.astype(np.float32) - expected).max() <= 0.5 + 1e-3
+    if level == 0.0:
+        assert np.array_equal(overlay, rgb)
+
+
+def test_overlay_png_is_the_sample_at_its_own_size_reddened_where_salient(
     rgb: np.ndarray, saliency: np.ndarray, tmp_path: Path
 ) -> None:
     path = tmp_path / "overlay.png"
@@ -130,11 +184,24 @@ def test_overlay_png_is_a_224_rgb_png(
     with Image.open(path) as image:
         assert image.format == "PNG"
         assert image.mode == "RGB"
-        assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
-        pixels = np.asarray(image, dtype=np.float32)
-    # Hot areas are pushed towards red, cold ones towards blue.
-    hot, cold = saliency > 0.9, saliency < 0.1
-    assert (pixels[hot, 0] - pixels[hot, 2]).mean() > (pixels[cold, 0] - pixels[cold, 2]).mean()
+        assert image.size == (rgb.shape[1], rgb.shape[0]) != (IMAGE_SIZE, IMAGE_SIZE)
+        pixels = np.asarray(image)
+    assert np.array_equal(pixels, overlay_rgb(rgb, saliency))
+    heat = np.asarray(
+        Image.fromarray(saliency).resize((rgb.shape[1], rgb.shape[0]), Image.Resampling.BILINEAR)
+    )
+    hot, cold = heat > 0.9, heat < 0.1
+    assert hot.any() and cold.any()
+    # Hot areas are pushed towards red; cold ones keep (nearly) the sample's own colours.
+    assert (_redness(pixels[hot]) - _redness(rgb[hot])).mean() > 20
+    assert np.abs(pixels[cold].astype(np.int32) - rgb[cold]).max() <= 0.1 * OVERLAY_ALPHA * 255 + 1
+
+
+def test_overlay_rejects_other_inputs() -> None:
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        overlay_rgb(_source().astype(np.float32), _hot_square())
+    with pytest.raises(ValueError, match="saliency must be"):
+        overlay_rgb(_source(), np.zeros((300, 400), np.float32))
 
 
 def test_jet_colours_run_from_blue_to_red() -> None:
