@@ -78,7 +78,7 @@ demo: install fhir-server-install system-deps orthanc-install
 	unshare -n sh -c 'ip link set lo up && exec $(BIN)/python -m tests.integration.demo'
 
 smoke-train: install
-	$(BIN)/dermfusion train --max-images 64 --epochs 1 --output-dir var/smoke-train
+	$(BIN)/dermfusion train --max-images 48 --max-steps 3 --output-dir var/smoke-train
 
 clean:
 	rm -rf var

@@ -1,7 +1,7 @@
 """Plain domain types shared by dicom_io, fhir_io, the bundle's code and the service.
 
-This module imports nothing from the project: it is the one thing the I/O packages and the
-bundle may import from ``plugin``.
+From the project it imports only the bundle's site vocabulary (``monai_bundle.scripts.sites``,
+plain Python): it is the one thing the I/O packages may import from ``plugin``.
 """
 
 from __future__ import annotations
@@ -9,15 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-# The model's site categories: SIIM-ISIC 2020's anatom_site_general_challenge vocabulary.
-SITE_CATEGORIES: tuple[str, ...] = (
-    "torso",
-    "lower extremity",
-    "upper extremity",
-    "head/neck",
-    "palms/soles",
-    "oral/genital",
+from monai_bundle.scripts.sites import (
+    NAMED_SITES,
+    SITE_CATEGORIES,
+    UNKNOWN_SITE_NAMES,
+    UnknownSiteError,
+    normalise_site_term,
+    site_from_name,
 )
+
+__all__ = [
+    "NAMED_SITES",
+    "SITE_CATEGORIES",
+    "UNKNOWN_SITE_NAMES",
+    "UnknownSiteError",
+    "normalise_site_term",
+    "site_from_name",
+]
 
 SNOMED = "SCT"
 
@@ -31,7 +39,7 @@ class SiteCode:
     scheme: str = SNOMED
 
 
-# One table for every vocabulary a site arrives in; keys are normalised with ``_normalise``.
+# One table for every vocabulary a site arrives in (keys normalised by ``normalise_site_term``).
 # SNOMED CT body structures (DICOM AnatomicRegionSequence, CID 4029/4031).
 SNOMED_SITES: dict[str, tuple[str, str]] = {
     "22943007": ("Trunk", "torso"),
@@ -113,27 +121,6 @@ BODY_PART_SITES: dict[str, str] = {
     **{t: "palms/soles" for t in ("PALM", "SOLE", "ACRAL")},
     **{t: "oral/genital" for t in ("ORAL", "MOUTH", "GENITAL", "PENIS", "VULVA", "SCROTUM")},
 }
-# Free-text site names: SIIM-ISIC 2020 (and 2019) and HAM10000 localization, lower case.
-NAMED_SITES: dict[str, str] = {
-    **{s: s for s in SITE_CATEGORIES},
-    "anterior torso": "torso",
-    "posterior torso": "torso",
-    "lateral torso": "torso",
-    "back": "torso",
-    "trunk": "torso",
-    "abdomen": "torso",
-    "chest": "torso",
-    "foot": "lower extremity",
-    "hand": "upper extremity",
-    "face": "head/neck",
-    "neck": "head/neck",
-    "scalp": "head/neck",
-    "ear": "head/neck",
-    "acral": "palms/soles",
-    "genital": "oral/genital",
-}
-# Sites that say "not known" rather than naming a place we cannot map.
-UNKNOWN_SITE_NAMES = frozenset({"", "unknown", "nan", "none"})
 # The code written for each category when the source gave no code of its own.
 CATEGORY_CODES: dict[str, SiteCode] = {
     "torso": SiteCode("22943007", "Trunk"),
@@ -143,24 +130,6 @@ CATEGORY_CODES: dict[str, SiteCode] = {
     "palms/soles": SiteCode("21547004", "Palm"),
     "oral/genital": SiteCode("74262004", "Oral cavity"),
 }
-
-
-class UnknownSiteError(ValueError):
-    """A site term that the site table does not know (as opposed to one that says "unknown")."""
-
-
-def _normalise(term: str) -> str:
-    return " ".join(term.strip().lower().replace("_", " ").split())
-
-
-def site_from_name(name: str | None) -> str | None:
-    """ISIC 2020 / HAM10000 site name → model category; None where the name says unknown."""
-    if name is None or _normalise(str(name)) in UNKNOWN_SITE_NAMES:
-        return None
-    try:
-        return NAMED_SITES[_normalise(name)]
-    except KeyError:
-        raise UnknownSiteError(f"site name {name!r} is not in the site table") from None
 
 
 def site_from_body_part(term: str) -> str | None:

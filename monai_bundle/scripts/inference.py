@@ -13,7 +13,7 @@ from monai.engines import Evaluator
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_bundle.scripts.metadata import encode_metadata
-from plugin.domain import site_from_name
+from monai_bundle.scripts.sites import site_from_name
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 log = logging.getLogger(__name__)
@@ -92,10 +92,20 @@ def datalist(
 
 
 class ProbabilityCsvWriter:
-    """Writes ``image_name,melanoma_probability`` for every scored image, in datalist order."""
+    """Writes ``image_name,melanoma_probability,melanoma_suspected`` per image, in datalist order.
 
-    def __init__(self, output_file: str) -> None:
+    ``melanoma_suspected`` is 1 where the probability is >= ``threshold`` (the shipped operating
+    point), the same rule as the SR and FHIR decision. ``threshold`` has no default: a config that
+    does not pass the operating point must fail rather than write decisions at a made-up one.
+    """
+
+    def __init__(self, output_file: str, threshold: float) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
+        if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be within [0, 1], got {threshold!r}")
         self.output_file = Path(output_file)
+        self.threshold = float(threshold)
         self.rows: list[tuple[str, float]] = []
 
     def attach(self, engine: Evaluator) -> None:
@@ -110,7 +120,9 @@ class ProbabilityCsvWriter:
         self.output_file.parent.mkdir(parents=True, exist_ok=True)
         with self.output_file.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["image_name", "melanoma_probability"])
+            writer.writerow(["image_name", "melanoma_probability", "melanoma_suspected"])
             for name, probability in self.rows:
-                writer.writerow([name, f"{probability:.6f}"])
+                # Decided on the unrounded probability, as the service does.
+                suspected = int(probability >= self.threshold)
+                writer.writerow([name, f"{probability:.6f}", suspected])
         log.info("wrote %d probabilities to %s", len(self.rows), self.output_file)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from plugin.domain import SITE_CATEGORIES
+from monai_bundle.scripts.sites import SITE_CATEGORIES
 
 SITES: tuple[str, ...] = SITE_CATEGORIES
 SEXES: tuple[str, ...] = ("male", "female")

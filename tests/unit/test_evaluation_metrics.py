@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monai_bundle.scripts.evaluation import (
+from training.evaluation import (
     auc_difference_with_interval,
     auc_with_interval,
     expected_calibration_error,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,19 @@ from tests.conftest import REPO_ROOT, SAMPLES
 
 MELANOMAS = {"ISIC_0024525", "ISIC_0337631"}  # from samples.csv's target column
 BENIGN = {"ISIC_0024307", "ISIC_0162627"}
+COLUMNS = ["image_name", "melanoma_probability", "melanoma_suspected"]
+
+
+def _check_decisions(frame: pd.DataFrame) -> None:
+    """melanoma_suspected is 1 exactly where the probability reaches the shipped threshold."""
+    operating_point = REPO_ROOT / "monai_bundle" / "models" / "operating_point.json"
+    threshold = json.loads(operating_point.read_text())["threshold"]
+    assert list(frame.columns) == COLUMNS
+    assert set(frame.melanoma_suspected) <= {0, 1}
+    # The CSV rounds to 6 decimals; only a probability that close to the threshold is ambiguous.
+    clear = (frame.melanoma_probability - threshold).abs() > 1e-6
+    expected = (frame.melanoma_probability >= threshold).astype(int)
+    assert (frame.melanoma_suspected[clear] == expected[clear]).all()
 
 
 def _demographics(age: float | None, sex: str | None, site: str | None) -> Demographics:
@@ -27,18 +41,23 @@ def _demographics(age: float | None, sex: str | None, site: str | None) -> Demog
     return Demographics(sourced(age), sourced(sex), sourced(site))
 
 
-def _predict(tmp_path: Path, *extra: str) -> pd.Series:
+def _predict_frame(tmp_path: Path, *extra: str) -> pd.DataFrame:
     out = tmp_path / "out.csv"
     assert main(["predict", "--images", str(SAMPLES), "--out", str(out), *extra]) == 0
     frame = pd.read_csv(out)
-    assert list(frame.columns) == ["image_name", "melanoma_probability"]
-    return frame.set_index("image_name").melanoma_probability
+    _check_decisions(frame)
+    return frame.set_index("image_name")
+
+
+def _predict(tmp_path: Path, *extra: str) -> pd.Series:
+    return _predict_frame(tmp_path, *extra).melanoma_probability
 
 
 def test_predict_equals_the_service_model_and_ranks_the_sample_melanomas_first(
     tmp_path: Path, fusion_model
 ) -> None:  # type: ignore[no-untyped-def]
-    predicted = _predict(tmp_path, "--metadata", str(SAMPLES / "samples.csv"))
+    frame = _predict_frame(tmp_path, "--metadata", str(SAMPLES / "samples.csv"))
+    predicted = frame.melanoma_probability
     table = read_metadata_csv(SAMPLES / "samples.csv")
     assert set(predicted.index) == MELANOMAS | BENIGN
     for name, probability in predicted.items():
@@ -48,6 +67,8 @@ def test_predict_equals_the_service_model_and_ranks_the_sample_melanomas_first(
             [_demographics(fields["age"], fields["sex"], fields["site"])],
         )[0]
         assert probability == pytest.approx(finding.probability, abs=1e-5), name
+        if abs(finding.probability - finding.threshold) > 1e-5:  # same decision as SR/FHIR
+            assert frame.melanoma_suspected[name] == int(finding.melanoma_suspected), name
     assert min(predicted[list(MELANOMAS)]) > max(predicted[list(BENIGN)])
 
 
@@ -101,7 +122,43 @@ def test_bundle_runs_standalone_with_monai_bundle_run(tmp_path: Path, fusion_mod
         text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    predicted = pd.read_csv(tmp_path / "predictions.csv").set_index("image_name")
+    predicted = pd.read_csv(tmp_path / "predictions.csv")
+    _check_decisions(predicted)
+    predicted = predicted.set_index("image_name")
     image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")  # the pixels of ISIC_0024525.jpg
     unknown = fusion_model.score([image.rgb], [Demographics.unknown()])[0].probability
     assert predicted.melanoma_probability["ISIC_0024525"] == pytest.approx(unknown, abs=1e-5)
+
+
+# Runs the bundle as MONAI does, from the bundle's own folder, with any import of the service's
+# code (``plugin``) or of the training code turned into an error.
+_STANDALONE = """
+import runpy, sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("plugin", "training", "dicom_io", "fhir_io"):
+            raise ImportError(f"the bundle imported {name}")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+sys.argv = ["monai.bundle", "run", "--config_file", "configs/inference.json",
+            "--meta_file", "configs/metadata.json", "--bundle_root", ".",
+            "--dataset_dir", sys.argv[1], "--output_dir", sys.argv[2]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def test_bundle_runs_from_its_own_folder_without_the_service_or_training_code(
+    tmp_path: Path,
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", _STANDALONE, str(SAMPLES), str(tmp_path)],
+        cwd=REPO_ROOT / "monai_bundle",
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    predicted = pd.read_csv(tmp_path / "predictions.csv")
+    assert list(predicted.columns) == ["image_name", "melanoma_probability", "melanoma_suspected"]
+    assert len(predicted) == len(list(SAMPLES.glob("*.jpg")))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from monai_bundle.scripts.metadata import FIELD_SLOTS, SITES, encode_metadata
-from monai_bundle.scripts.priors import fit_metadata_prior, withhold_fields
+from training.priors import fit_metadata_prior, withhold_fields
 
 
 def _table(n: int, seed: int) -> pd.DataFrame:

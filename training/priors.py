@@ -1,6 +1,6 @@
 """Metadata priors learned from the full SIIM-ISIC 2020 table (29,559 lesions, 540 melanoma).
 
-Only 1,037 of the table's rows have an image here, and their benign half was hand-picked, so
+Only 1,037 of the table's rows have an image here, at 48% prevalence instead of 1.8%, so
 age/sex/site effects learned from the images alone are noise. The table is the honest source:
 a logistic regression over the model's metadata encoding, fitted with random fields withheld so
 that its missing indicators carry the average effect of an unknown field.
@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
-from monai_bundle.scripts.data import encode_frame
 from monai_bundle.scripts.metadata import FIELD_SLOTS
-from plugin.domain import site_from_name
+from monai_bundle.scripts.sites import site_from_name
+from training.data import encode_frame
 
 PRIOR_COPIES = 4  # the table is replicated this often, each copy with its own withheld fields
 

@@ -1,4 +1,4 @@
-"""The training cases from ../shared/data: HAM10000 and the SIIM-ISIC 2020 images."""
+"""The training cases from ../shared/data: HAM10000, the SIIM-ISIC 2020 images, the ISIC Archive."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from monai_bundle.scripts.metadata import encode_metadata
-from plugin.domain import site_from_name
+from monai_bundle.scripts.sites import site_from_name
 
 ISIC_PREVALENCE = 540 / 29559  # melanoma share of the full ISIC 2020 table
 
@@ -34,23 +34,10 @@ DIAGNOSES = {
     "vasc": "vascular lesion",
     "cafe-au-lait macule": "other benign",
     "unknown": "benign, unspecified",
+    "actinic keratosis": "actinic keratosis / Bowen's disease",
+    "dermatofibroma": "dermatofibroma",
+    "squamous cell carcinoma": "squamous cell carcinoma",
 }
-
-# The diagnoses an auxiliary head learns to tell apart (``FusionNet(diagnosis_classes=...)``):
-# each one histologically or clinically named. "benign, unspecified" (ISIC 2020's unbiopsied rows)
-# is no class: it names the dataset more than the lesion, and teaching the features to recognise
-# the dataset is the shortcut leave-one-clinic-out punishes.
-DIAGNOSIS_CLASSES = (
-    "melanoma",
-    "naevus",
-    "benign keratosis",
-    "actinic keratosis / Bowen's disease",
-    "basal cell carcinoma",
-    "dermatofibroma",
-    "vascular lesion",
-    "other benign",
-)
-NO_DIAGNOSIS_CLASS = -100  # torch's cross-entropy ignore_index: the row teaches the head nothing
 
 
 @dataclass(frozen=True)
@@ -72,7 +59,8 @@ def _sex(value: object) -> str | None:
     return value if value in ("male", "female") else None  # type: ignore[return-value]
 
 
-def load_cases(data_root: str | Path) -> Cases:
+def load_cases(data_root: str | Path, include_archive: bool = True) -> Cases:
+    """Every image with a label; ``include_archive``: the ISIC Archive folder too."""
     root = Path(data_root).resolve()
     ham = pd.read_csv(root / "ham10000" / "metadata.csv")
     isic_all = pd.read_csv(root / "isic2020" / "metadata.csv")
@@ -111,8 +99,33 @@ def load_cases(data_root: str | Path) -> Cases:
                 diagnosis=DIAGNOSES.get(r.diagnosis, "other"),
             )
         )
+    if include_archive:
+        rows.extend(_archive_rows(root / "isic-archive"))
     frame = pd.DataFrame(rows).sort_values("image_name", kind="stable").reset_index(drop=True)
     return Cases(frame)
+
+
+def _archive_rows(root: Path) -> list[dict[str, object]]:
+    """The ISIC Archive images (earlier contributors' cameras): each image its own lesion."""
+    table = pd.read_csv(root / "metadata.csv")
+    rows: list[dict[str, object]] = []
+    for r in table.itertuples():
+        site = r.anatom_site_general
+        rows.append(
+            dict(
+                image=str(root / "images" / f"{r.image_id}.jpg"),
+                image_name=r.image_id,
+                label=int(r.melanoma),
+                age=_age(r.age_approx),
+                sex=_sex(r.sex),
+                site=site_from_name(site if isinstance(site, str) else None),
+                source="isic_archive",
+                group=f"archive:{r.image_id}",
+                clinic="isic_archive",
+                diagnosis=DIAGNOSES.get(str(r.diagnosis), "other"),
+            )
+        )
+    return rows
 
 
 def _known(value: object) -> object:
@@ -128,12 +141,6 @@ def encode_frame(frame: pd.DataFrame) -> np.ndarray:
             for r in frame.itertuples()
         ]
     )
-
-
-def diagnosis_targets(frame: pd.DataFrame) -> np.ndarray:
-    """Index into ``DIAGNOSIS_CLASSES`` per row, ``NO_DIAGNOSIS_CLASS`` where none is named."""
-    index = {name: i for i, name in enumerate(DIAGNOSIS_CLASSES)}
-    return np.array([index.get(d, NO_DIAGNOSIS_CLASS) for d in frame["diagnosis"]], dtype=np.int64)
 
 
 def split_by_group(cases: Cases, val_fraction: float, seed: int) -> np.ndarray:
@@ -162,7 +169,8 @@ def isic_patients(groups: Iterable[str]) -> set[str]:
 def isic_weights(frame: pd.DataFrame) -> np.ndarray:
     """Sample weights that put the ISIC 2020 images back at the table's 2% prevalence.
 
-    The benign ISIC images here are a hand-picked half; HAM10000 rows keep weight 1.
+    The benign ISIC images here are the table's first 500 benign rows in name order (a fair
+    sample, but at 48% prevalence instead of 1.8%); other sources keep weight 1.
     """
     weights = np.ones(len(frame))
     isic = (frame["source"] == "isic2020").to_numpy()

@@ -1,0 +1,1 @@
+"""Training, validation and experiments for the bundle's network (not needed to score)."""
