@@ -3,13 +3,14 @@
 ::
 
     FhirError                    a FHIR exchange failed (also: an answer that is not FHIR)
-    ├── FhirUnavailableError     connect refused, timeout, 429 or 5xx: nothing to fix, retry later
-    └── FhirRejectedError        4xx: the server refused this request; resending it unchanged fails
-                                 again. ``str()`` is one line with the OperationOutcome diagnostics.
+    ├── FhirUnavailableError     connect refused, timeout, 408, 429 or 5xx: retry later
+    └── FhirRejectedError        other 4xx: the server refused this request; resending it
+                                 unchanged fails again. ``str()`` is one line with the
+                                 OperationOutcome diagnostics.
 
-The outbox retries on ``FhirUnavailableError`` and parks the item on ``FhirRejectedError``. Every
-request fhir_io sends is idempotent (conditional creates, reads, searches), so a retry after a
-timeout whose request did reach the server is safe.
+The outbox retries on ``FhirUnavailableError`` and, after a bounded number of attempts, parks the
+item on ``FhirRejectedError``. Every request fhir_io sends is idempotent (conditional creates,
+reads, searches), so a retry after a timeout whose request did reach the server is safe.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class FhirError(Exception):
 
 
 class FhirUnavailableError(FhirError):
-    """The server could not be reached or failed on its side (connect/timeout/429/5xx)."""
+    """The server could not be reached or failed on its side (connect/timeout/408/429/5xx)."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -28,7 +29,7 @@ class FhirUnavailableError(FhirError):
 
 
 class FhirRejectedError(FhirError):
-    """The server answered 4xx; ``diagnostics`` is the OperationOutcome text on one line."""
+    """The server answered 4xx (not 408/429); ``diagnostics``: the OperationOutcome on one line."""
 
     def __init__(self, message: str, *, status: int | None = None, diagnostics: str = "") -> None:
         super().__init__(message)

@@ -243,7 +243,7 @@ class FhirClient:
         elapsed_ms = (time.monotonic() - started) * 1000
         log.debug("FHIR %s -> %d in %.0f ms", what, response.status_code, elapsed_ms)
         status = response.status_code
-        if status >= 500 or status == 429:
+        if status >= 500 or status in (408, 429):  # 408: the server timed out waiting
             raise FhirUnavailableError(
                 f"{what}: FHIR server answered {status}: {_diagnostics(response, redact)}",
                 status=status,

@@ -33,6 +33,7 @@ class ListenerSettings:
 @dataclass(frozen=True)
 class StudySettings:
     stable_seconds: float
+    max_attempts: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class DemographicsSettings:
 class OutboxSettings:
     retry_initial_seconds: float
     retry_max_seconds: float
+    max_attempts: int
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,15 @@ class Settings:
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "listener": {"ae_title": str, "port": int, "allowed_calling_aes": list, "bind_address": str},
-    "study": {"stable_seconds": (int, float)},
+    "study": {"stable_seconds": (int, float), "max_attempts": int},
     "pacs": {"ae_title": str, "host": str, "port": int},
     "fhir": {"base_url": str, "patient_identifier_system": str},
     "demographics": {"on_conflict": str, "fhir_wait_seconds": (int, float)},
-    "outbox": {"retry_initial_seconds": (int, float), "retry_max_seconds": (int, float)},
+    "outbox": {
+        "retry_initial_seconds": (int, float),
+        "retry_max_seconds": (int, float),
+        "max_attempts": int,
+    },
     "saliency": {"secondary_capture": bool},
     "storage": {"dir": str},
     "model": {"bundle_dir": str},
@@ -161,6 +167,12 @@ def _non_negative(key: str, value: float) -> float:
     return float(value)
 
 
+def _positive_count(key: str, value: int) -> int:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1, got {value}")
+    return value
+
+
 def _path(base: Path, value: str) -> Path:
     path = Path(value)
     return path if path.is_absolute() else base / path
@@ -206,7 +218,10 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             ),
             bind_address=listener["bind_address"],
         ),
-        study=StudySettings(stable_seconds=stable),
+        study=StudySettings(
+            stable_seconds=stable,
+            max_attempts=_positive_count("study.max_attempts", raw["study"]["max_attempts"]),
+        ),
         pacs=None
         if pacs is None
         else PacsSettings(
@@ -228,7 +243,11 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
                 "demographics.fhir_wait_seconds", demographics["fhir_wait_seconds"]
             ),
         ),
-        outbox=OutboxSettings(retry_initial_seconds=initial, retry_max_seconds=longest),
+        outbox=OutboxSettings(
+            retry_initial_seconds=initial,
+            retry_max_seconds=longest,
+            max_attempts=_positive_count("outbox.max_attempts", outbox["max_attempts"]),
+        ),
         saliency=SaliencySettings(secondary_capture=raw["saliency"]["secondary_capture"]),
         storage=StorageSettings(dir=_path(base, raw["storage"]["dir"])),
         model=ModelSettings(bundle_dir=_path(base, raw["model"]["bundle_dir"])),

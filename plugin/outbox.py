@@ -2,6 +2,12 @@
 
 What is owed lives in the state store, so a restart resumes delivery. Re-delivery is harmless:
 the SR's SOP Instance UID and the Bundle's conditional creates are stable.
+
+Failures are of two kinds. The peer being away (no association, connection refused, timeout,
+FHIR 5xx/408/429) or our disk being full is retried with backoff for as long as it takes. A peer
+that answered no (a DICOM failure status, FHIR 4xx) or a file that cannot be read or sent will
+fail the same way again: after ``max_attempts`` of those the item is parked with its reason, so
+it neither retries forever nor holds up the items behind it.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from dicom_io.sender import CStoreSender, PacsError
-from fhir_io import FhirClient, FhirError
+from dicom_io.sender import CStoreSender, PacsUnavailableError
+from fhir_io import FhirClient, FhirUnavailableError
+from plugin.failures import describe, is_environmental
 from plugin.state import OutboxItem, StateStore
 
 log = logging.getLogger(__name__)
@@ -50,14 +57,26 @@ class Backoff:
         return float(min(self.max_seconds, self.initial_seconds * 2 ** min(attempts, 30)))
 
 
+def is_transient(error: BaseException) -> bool:
+    """Will trying the same item again later plausibly succeed? (fhir_io maps 408/429 and 5xx
+    to FhirUnavailableError, other 4xx to FhirRejectedError; dicom_io a failure status to
+    PacsRejectedError.)"""
+    return isinstance(error, PacsUnavailableError | FhirUnavailableError) or is_environmental(error)
+
+
 @dataclass
 class Outbox:
     store: StateStore
     destinations: dict[str, Destination]
     backoff: Backoff
+    max_attempts: int = 10  # refusals (or unreadable file) before an item is parked
 
     def deliver_due(self, now: float, limit: int = 20) -> int:
-        """Try every item that is due; returns how many were delivered."""
+        """Try every item that is due; returns how many were delivered.
+
+        Any error from a destination is the item's outcome, never the loop's: it is recorded
+        and the next item is tried. Only the state store failing propagates.
+        """
         delivered = 0
         for item in self.store.due_outbox(now, limit):
             destination = self.destinations.get(item.destination)
@@ -67,19 +86,49 @@ class Outbox:
                 continue
             try:
                 destination.deliver(item)
-            except (PacsError, FhirError, OSError) as error:
-                delay = self.backoff.delay(item.attempts)
-                self.store.retry_later(item.key, str(error), now + delay)
-                log.warning(
-                    "outbox: %s to %s failed (attempt %d), retry in %.0f s: %s",
-                    item.key,
-                    item.destination,
-                    item.attempts + 1,
-                    delay,
-                    str(error).splitlines()[0] if str(error) else type(error).__name__,
-                )
+            except Exception as error:  # noqa: BLE001 - every failure is this item's outcome
+                self._failed(item, error, now)
                 continue
             self.store.delivered(item.key, now)
             log.info("outbox: delivered %s to %s", item.key, item.destination)
             delivered += 1
         return delivered
+
+    def _failed(self, item: OutboxItem, error: Exception, now: float) -> None:
+        cause = describe(error)
+        if is_transient(error):
+            delay = self.backoff.delay(item.attempts)
+            self.store.retry_later(item.key, cause, now + delay)
+            log.warning(
+                "outbox: %s to %s failed (attempt %d), retry in %.0f s: %s",
+                item.key,
+                item.destination,
+                item.attempts + 1,
+                delay,
+                cause,
+            )
+            return
+        reason = f"refused or unreadable: {cause}"
+        rejections = item.rejections + 1
+        if rejections >= self.max_attempts:
+            self.store.reject_delivery(item.key, reason, now, None)
+            log.error(
+                "outbox: %s to %s parked after %d refused attempt(s): %s",
+                item.key,
+                item.destination,
+                rejections,
+                cause,
+            )
+            return
+        delay = self.backoff.delay(rejections - 1)
+        self.store.reject_delivery(item.key, reason, now, now + delay)
+        log.warning(
+            "outbox: %s to %s refused (attempt %d, %d of %d before parking), retry in %.0f s: %s",
+            item.key,
+            item.destination,
+            item.attempts + 1,
+            rejections,
+            self.max_attempts,
+            delay,
+            cause,
+        )

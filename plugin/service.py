@@ -2,7 +2,10 @@
 
 An instance is acknowledged only after it is in the spool (fsync'd) and recorded in the state
 store. A worker thread scores studies that are complete (association released, quiet for
-``stable_seconds``) and delivers what the outbox owes; both resume after a restart.
+``stable_seconds``) and another delivers what the outbox owes; both resume after a restart.
+Neither can die silently: every pass is guarded, a supervisor restarts a thread that ends anyway
+and reports the service unhealthy meanwhile, and a study that keeps failing is parked with its
+reason after ``[study] max_attempts`` instead of being retried for ever.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_io.demographics import demographics_from_dataset
 from dicom_io.images import DermoscopyImage, UnsupportedInstanceError, read_image
@@ -27,15 +30,21 @@ from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError, demogra
 from plugin.config import Settings
 from plugin.demographics import ConflictPolicy, merge, needs_lookup
 from plugin.domain import Demographics
+from plugin.failures import describe, is_environmental
 from plugin.model import FusionModel
 from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
 from plugin.pipeline import ImageReport, ReportPipeline, capture_writer
 from plugin.state import InstanceRow, OutboxItem, SqliteStateStore, StateStore
+from plugin.workers import Supervisor, Worker
 
 log = logging.getLogger(__name__)
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 WORKER_POLL_SECONDS = 0.2  # how often the threads look for ready studies and due deliveries
+# After a failed pass (a full disk, a locked database) a worker waits 1 s, doubling up to this:
+# how soon work resumes once the cause is gone, against how often the log repeats it.
+WORKER_PAUSE_MAX_SECONDS = 30.0
+SUPERVISOR_CHECK_SECONDS = 1.0  # how soon a dead worker thread is noticed and restarted
 
 
 def _safe_uid(value: str, name: str) -> str:
@@ -91,8 +100,25 @@ class StudyProcessor:
     fhir_wait_seconds: float
     backoff: Backoff
 
-    def process(self, study_uid: str, now: float) -> None:
+    def process(self, study_uid: str, now: float, *, one_by_one: bool = False) -> None:
+        """Score the study's pending instances together, or (after a failed pass) one image at
+        a time, so that one image that cannot be reported does not hold back the others."""
         rows = self.store.pending_instances(study_uid)
+        if not one_by_one:
+            self._process_rows(study_uid, rows, now)
+            return
+        failures: list[Exception] = []
+        for row in rows:
+            try:
+                self._process_rows(study_uid, [row], now)
+            except Exception as error:  # noqa: BLE001 - the other images still get their report
+                if is_environmental(error):
+                    raise
+                failures.append(error)
+        if failures:
+            raise failures[0]
+
+    def _process_rows(self, study_uid: str, rows: list[InstanceRow], now: float) -> None:
         images: list[DermoscopyImage] = []
         failed: list[tuple[str, str]] = []
         for row in rows:
@@ -181,6 +207,70 @@ class StudyProcessor:
         return owed
 
 
+class Processor(Protocol):
+    """What the scorer needs of StudyProcessor (a stand-in in tests)."""
+
+    def process(self, study_uid: str, now: float, *, one_by_one: bool = False) -> None: ...
+
+
+@dataclass
+class StudyScorer:
+    """One pass over the ready studies. A study that fails is retried with backoff, one image
+    at a time after the first failure, and parked with its reason after ``max_attempts``."""
+
+    store: StateStore
+    processor: Processor
+    stable_seconds: float
+    backoff: Backoff
+    max_attempts: int
+
+    def score_ready(self, now: float) -> int:
+        """Process every ready study; returns how many passed without failing."""
+        passed = 0
+        for study_uid in self.store.ready_studies(now, self.stable_seconds):
+            attempts = self.store.study_attempts(study_uid)
+            try:
+                self.processor.process(study_uid, now, one_by_one=attempts > 0)
+            except Exception as error:  # noqa: BLE001 - one bad study must not stop the others
+                self._failed(study_uid, error, attempts, now)
+                continue
+            if attempts:
+                self.store.clear_study_failures(study_uid)
+            passed += 1
+        return passed
+
+    def _failed(self, study_uid: str, error: Exception, attempts: int, now: float) -> None:
+        """Log the failure once (first, so its cause survives a store that fails too), then
+        record it. A full disk is not the study's fault: it is retried without counting."""
+        cause = describe(error)
+        if is_environmental(error):
+            retry_at = now + self.backoff.max_seconds
+            log.warning(
+                "study=%s: not scored, retry in %.0f s (not counted towards parking): %s",
+                study_uid,
+                retry_at - now,
+                cause,
+            )
+            self.store.postpone_study(study_uid, retry_at, now)
+            return
+        attempts += 1
+        reason = f"scoring failed: {cause}"
+        if attempts >= self.max_attempts:
+            log.error("study=%s: parked after %d failed attempt(s): %s", study_uid, attempts, cause)
+            self.store.record_study_failure(study_uid, reason, now, None)
+            return
+        delay = self.backoff.delay(attempts - 1)
+        log.warning(
+            "study=%s: processing failed (attempt %d of %d), retry in %.0f s: %s",
+            study_uid,
+            attempts,
+            self.max_attempts,
+            delay,
+            cause,
+        )
+        self.store.record_study_failure(study_uid, reason, now, now + delay)
+
+
 @dataclass
 class DermfusionService:
     settings: Settings
@@ -205,7 +295,7 @@ class DermfusionService:
             destinations[FHIR] = FhirDestination(self.fhir)
         outbox = self.settings.outbox
         self.backoff = Backoff(outbox.retry_initial_seconds, outbox.retry_max_seconds)
-        self.outbox = Outbox(self.store, destinations, self.backoff)
+        self.outbox = Outbox(self.store, destinations, self.backoff, outbox.max_attempts)
         self.processor = StudyProcessor(
             store=self.store,
             pipeline=ReportPipeline(
@@ -229,38 +319,64 @@ class DermfusionService:
             allowed_calling_aes=listener.allowed_calling_aes,
             sink=SpoolSink(storage.dir / "spool", self.store),
         )
+        self.scorer = StudyScorer(
+            store=self.store,
+            processor=self.processor,
+            stable_seconds=self.settings.study.stable_seconds,
+            backoff=self.backoff,
+            max_attempts=self.settings.study.max_attempts,
+        )
         # Scoring and delivery run apart, so a slow or unreachable PACS/FHIR server (connect
         # timeouts) never delays the scoring of the next study.
-        self._threads = [
-            threading.Thread(
-                target=self._score_ready_studies, name="dermfusion-scoring", daemon=True
-            ),
-            threading.Thread(
-                target=self._deliver_owed_reports, name="dermfusion-delivery", daemon=True
-            ),
-        ]
+        pause = Backoff(1.0, WORKER_PAUSE_MAX_SECONDS)
+        self._supervisor = Supervisor(
+            [
+                Worker(
+                    "dermfusion-scoring",
+                    self._score_ready_studies,
+                    self._stop,
+                    poll_seconds=WORKER_POLL_SECONDS,
+                    pause=pause,
+                ),
+                Worker(
+                    "dermfusion-delivery",
+                    self._deliver_owed_reports,
+                    self._stop,
+                    poll_seconds=WORKER_POLL_SECONDS,
+                    pause=pause,
+                ),
+            ],
+            self._stop,
+            check_seconds=SUPERVISOR_CHECK_SECONDS,
+            pause=pause,
+        )
 
     def start(self) -> None:
         reopened = self.store.close_all_associations(time.time())
         if reopened:
             log.info("recovered %d association(s) left open by the previous run", reopened)
         self.listener.start()
-        for thread in self._threads:
-            thread.start()
+        self._supervisor.start()
         counts = self.store.outbox_counts()
+        parked_studies = sum(p.kind == "study" for p in self.store.parked())
         log.info(
-            "listening as %s on port %d; %d deliveries owed",
+            "listening as %s on port %d; %d deliveries owed; parked: %d deliveries, %d studies",
             self.settings.listener.ae_title,
             self.settings.listener.port,
             counts["owed"],
+            counts["parked"],
+            parked_studies,
         )
+
+    def healthy(self) -> bool:
+        """False before start, after stop, and while a worker thread is dead (until the
+        supervisor has restarted it)."""
+        return self._supervisor.healthy()
 
     def stop(self) -> None:
         self._stop.set()
         self.listener.stop()
-        for thread in self._threads:
-            if thread.is_alive():
-                thread.join(timeout=30)
+        self._supervisor.join(timeout=30)
         if self.fhir is not None:
             self.fhir.close()
         self.store.close()
@@ -273,18 +389,10 @@ class DermfusionService:
         log.info("stopping")
         self.stop()
 
-    def _score_ready_studies(self) -> None:
-        while not self._stop.is_set():
-            now = time.time()
-            for study_uid in self.store.ready_studies(now, self.settings.study.stable_seconds):
-                try:
-                    self.processor.process(study_uid, now)
-                except Exception:  # noqa: BLE001 - one bad study must not stop the service
-                    log.exception("study=%s: processing failed; retrying later", study_uid)
-                    self.store.postpone_study(study_uid, now + self.backoff.max_seconds, now)
-            self._stop.wait(WORKER_POLL_SECONDS)
+    def _score_ready_studies(self, now: float) -> None:
+        """One pass of the scoring worker."""
+        self.scorer.score_ready(now)
 
-    def _deliver_owed_reports(self) -> None:
-        while not self._stop.is_set():
-            self.outbox.deliver_due(time.time())
-            self._stop.wait(WORKER_POLL_SECONDS)
+    def _deliver_owed_reports(self, now: float) -> None:
+        """One pass of the delivery worker."""
+        self.outbox.deliver_due(now)

@@ -4,6 +4,10 @@
 A server database can replace it by implementing the same protocol. SQLite runs in WAL mode
 with ``synchronous=FULL``: a row is on disk when its transaction commits, so an acknowledged
 instance survives a SIGKILL.
+
+The schema carries its version in ``PRAGMA user_version`` and migrates forward on open, so the
+state file of an older release keeps what it owes. A study or delivery that keeps failing is
+*parked*: it stays in the database with its reason, is no longer tried, and can be re-queued.
 """
 
 from __future__ import annotations
@@ -33,6 +37,18 @@ class OutboxItem:
     destination: str  # "pacs" or "fhir"
     path: Path
     attempts: int
+    rejections: int = 0  # failed attempts that retrying as-is would not fix; parked at the limit
+
+
+@dataclass(frozen=True)
+class ParkedItem:
+    """A study or a delivery that is no longer tried, and why (one line, no patient data)."""
+
+    kind: str  # "study" or "outbox"
+    key: str  # StudyInstanceUID, or the outbox key
+    reason: str
+    attempts: int
+    parked_at: float
 
 
 class StateStore(Protocol):
@@ -55,10 +71,23 @@ class StateStore(Protocol):
     def due_outbox(self, now: float, limit: int) -> list[OutboxItem]: ...
     def delivered(self, key: str, now: float) -> None: ...
     def retry_later(self, key: str, error: str, next_attempt_at: float) -> None: ...
+    def reject_delivery(
+        self, key: str, reason: str, now: float, next_attempt_at: float | None
+    ) -> None: ...
     def outbox_counts(self) -> dict[str, int]: ...
+    def study_attempts(self, study_instance_uid: str) -> int: ...
+    def record_study_failure(
+        self, study_instance_uid: str, reason: str, now: float, retry_at: float | None
+    ) -> int: ...
+    def clear_study_failures(self, study_instance_uid: str) -> None: ...
+    def parked(self) -> list[ParkedItem]: ...
+    def requeue_parked_studies(self, study_instance_uids: Sequence[str] = ()) -> int: ...
+    def requeue_parked_deliveries(self, now: float, keys: Sequence[str] = ()) -> int: ...
 
 
-_SCHEMA = """
+# Version 0: the schema of 0.5.0, which set no user_version. Created as-is on a new file, then
+# migrated like an old one, so there is one path to the current schema.
+_SCHEMA_V0 = """
 CREATE TABLE IF NOT EXISTS associations (
     id TEXT PRIMARY KEY,
     opened_at REAL NOT NULL,
@@ -93,6 +122,22 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (delivered_at, next_attempt_at);
 """
 
+# _MIGRATIONS[n] takes the schema from version n to n + 1.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: failures counted, parking with a reason
+        "ALTER TABLE studies ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE studies ADD COLUMN last_error TEXT",
+        "ALTER TABLE studies ADD COLUMN parked_at REAL",
+        "ALTER TABLE outbox ADD COLUMN rejections INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE outbox ADD COLUMN parked_at REAL",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class SchemaVersionError(RuntimeError):
+    """The state file was written by a newer release: opening it could lose what it records."""
+
 
 class SqliteStateStore:
     """The embedded state store. Thread-safe: one connection guarded by a lock."""
@@ -104,7 +149,30 @@ class SqliteStateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the file to SCHEMA_VERSION in one transaction: all steps or none."""
+        with self._transaction() as db:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"state database schema {version} is newer than this release's {SCHEMA_VERSION}"
+                )
+            if version == SCHEMA_VERSION:
+                return
+            if version == 0:
+                for statement in filter(str.strip, _SCHEMA_V0.split(";")):
+                    db.execute(statement)
+            for step in _MIGRATIONS[version:]:
+                for statement in step:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
@@ -161,7 +229,11 @@ class SqliteStateStore:
             ).rowcount
 
     def ready_studies(self, now: float, stable_seconds: float) -> list[str]:
-        """Studies with unscored instances, no open association, quiet for ``stable_seconds``."""
+        """Studies with unscored instances, no open association, quiet for ``stable_seconds``.
+
+        A parked study is left out until it is re-queued, or an instance arrives after it was
+        parked (the PACS re-sent it, or the study grew): that earns it another try.
+        """
         with self._lock:
             rows = self._db.execute(
                 """SELECT i.study_instance_uid FROM instances i
@@ -172,6 +244,7 @@ class SqliteStateStore:
                       AND SUM(a.closed_at IS NULL) = 0
                       AND MAX(i.received_at) <= ?
                       AND COALESCE(MAX(s.not_before), 0) <= ?
+                      AND (MAX(s.parked_at) IS NULL OR MAX(i.received_at) > MAX(s.parked_at))
                    ORDER BY MAX(i.received_at)""",
                 (now - stable_seconds, now),
             ).fetchall()
@@ -230,12 +303,12 @@ class SqliteStateStore:
     def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
         with self._lock:
             rows = self._db.execute(
-                """SELECT key, destination, path, attempts FROM outbox
-                   WHERE delivered_at IS NULL AND next_attempt_at <= ?
+                """SELECT key, destination, path, attempts, rejections FROM outbox
+                   WHERE delivered_at IS NULL AND parked_at IS NULL AND next_attempt_at <= ?
                    ORDER BY next_attempt_at LIMIT ?""",
                 (now, limit),
             ).fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), int(r[3])) for r in rows]
+        return [OutboxItem(r[0], r[1], Path(r[2]), int(r[3]), int(r[4])) for r in rows]
 
     def delivered(self, key: str, now: float) -> None:
         with self._transaction() as db:
@@ -252,10 +325,103 @@ class SqliteStateStore:
                 (error, next_attempt_at, key),
             )
 
+    def reject_delivery(
+        self, key: str, reason: str, now: float, next_attempt_at: float | None
+    ) -> None:
+        """Count an attempt retrying will not fix; ``next_attempt_at`` None parks the item."""
+        with self._transaction() as db:
+            db.execute(
+                """UPDATE outbox SET attempts = attempts + 1, rejections = rejections + 1,
+                       last_error = ?, next_attempt_at = COALESCE(?, next_attempt_at),
+                       parked_at = CASE WHEN ? IS NULL THEN ? END
+                   WHERE key = ?""",
+                (reason, next_attempt_at, next_attempt_at, now, key),
+            )
+
     def outbox_counts(self) -> dict[str, int]:
+        """Deliveries owed (still tried), parked (owed, not tried) and delivered."""
         with self._lock:
             rows = self._db.execute(
-                """SELECT CASE WHEN delivered_at IS NULL THEN 'owed' ELSE 'delivered' END, COUNT(*)
+                """SELECT CASE WHEN delivered_at IS NOT NULL THEN 'delivered'
+                               WHEN parked_at IS NOT NULL THEN 'parked' ELSE 'owed' END,
+                          COUNT(*)
                    FROM outbox GROUP BY 1"""
             ).fetchall()
-        return {"owed": 0, "delivered": 0, **{r[0]: int(r[1]) for r in rows}}
+        return {"owed": 0, "parked": 0, "delivered": 0, **{r[0]: int(r[1]) for r in rows}}
+
+    def study_attempts(self, study_instance_uid: str) -> int:
+        """Failed passes over the study since it last succeeded or was re-queued."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT attempts FROM studies WHERE study_instance_uid = ?", (study_instance_uid,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def record_study_failure(
+        self, study_instance_uid: str, reason: str, now: float, retry_at: float | None
+    ) -> int:
+        """Count a failed pass and keep its reason; ``retry_at`` None parks the study.
+
+        Returns the number of failed passes so far.
+        """
+        with self._transaction() as db:
+            db.execute(
+                """INSERT INTO studies (study_instance_uid, first_try, not_before, attempts,
+                       last_error, parked_at)
+                   VALUES (?, ?, COALESCE(?, ?), 1, ?, CASE WHEN ? IS NULL THEN ? END)
+                   ON CONFLICT (study_instance_uid) DO UPDATE SET
+                       attempts = attempts + 1,
+                       last_error = excluded.last_error,
+                       not_before = excluded.not_before,
+                       parked_at = excluded.parked_at""",
+                (study_instance_uid, now, retry_at, now, reason, retry_at, now),
+            )
+            row = db.execute(
+                "SELECT attempts FROM studies WHERE study_instance_uid = ?", (study_instance_uid,)
+            ).fetchone()
+        return int(row[0])
+
+    def clear_study_failures(self, study_instance_uid: str) -> None:
+        """A pass succeeded: earlier failures no longer count towards parking."""
+        with self._transaction() as db:
+            db.execute(
+                """UPDATE studies SET attempts = 0, last_error = NULL, parked_at = NULL
+                   WHERE study_instance_uid = ?""",
+                (study_instance_uid,),
+            )
+
+    def parked(self) -> list[ParkedItem]:
+        """Everything parked, oldest first: what an operator has to look at."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT 'study', study_instance_uid, COALESCE(last_error, ''), attempts,
+                          parked_at FROM studies WHERE parked_at IS NOT NULL
+                   UNION ALL
+                   SELECT 'outbox', key, COALESCE(last_error, ''), attempts, parked_at
+                   FROM outbox WHERE parked_at IS NOT NULL AND delivered_at IS NULL
+                   ORDER BY 5, 2"""
+            ).fetchall()
+        return [ParkedItem(r[0], r[1], r[2], int(r[3]), float(r[4])) for r in rows]
+
+    def requeue_parked_studies(self, study_instance_uids: Sequence[str] = ()) -> int:
+        """Give parked studies (all, or those named) a fresh set of attempts, now."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE studies SET parked_at = NULL, attempts = 0, not_before = 0"
+                " WHERE parked_at IS NOT NULL" + _named("study_instance_uid", study_instance_uids),
+                tuple(study_instance_uids),
+            ).rowcount
+
+    def requeue_parked_deliveries(self, now: float, keys: Sequence[str] = ()) -> int:
+        """Owe parked deliveries (all, or those named) again, due now, with fresh attempts."""
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE outbox SET parked_at = NULL, rejections = 0, next_attempt_at = ?"
+                " WHERE parked_at IS NOT NULL AND delivered_at IS NULL" + _named("key", keys),
+                (now, *keys),
+            ).rowcount
+
+
+def _named(column: str, values: Sequence[str]) -> str:
+    """An ``AND column IN (?, …)`` clause for ``values``; empty when none are named (all)."""
+    return f" AND {column} IN ({', '.join('?' * len(values))})" if values else ""

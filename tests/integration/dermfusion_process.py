@@ -87,6 +87,7 @@ def write_config(
     fhir_url: str | None = None,
     stable_seconds: float = 1.0,
     secondary_capture: bool = False,
+    outbox_max_attempts: int = 10,
 ) -> Path:
     lines = [
         "[listener]",
@@ -97,6 +98,7 @@ def write_config(
         "[outbox]",
         "retry_initial_seconds = 0.5",
         "retry_max_seconds = 2",
+        f"max_attempts = {outbox_max_attempts}",
         "[demographics]",
         "fhir_wait_seconds = 5",
         "[storage]",

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -270,3 +272,51 @@ def test_sigkill_after_ack_then_restart_reports_exactly_once(
         ]
         assert len(srs) == 2 and len(reports) == 2 and len(later) == 2
         assert service.log_text().count(f"study={study_uid}: scored") == 1
+
+
+def test_a_corrupt_outbox_item_is_parked_and_the_good_studies_behind_it_are_delivered(
+    orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """Issue 19: one unreadable SR in the outbox used to kill the delivery thread for good."""
+    with running_dermfusion(
+        tmp_path / "svc", pacs_port=orthanc.dicom_port, outbox_max_attempts=3
+    ) as service:
+        outbox = tmp_path / "svc" / "var" / "outbox"
+        bad_study, bad_files = _study(tmp_path, "DF-IT-0005", age="052Y", sex="F")
+        orthanc.stop()  # so that its SR is still owed when we break it
+        try:
+            _storescu(service.ae_title, service.port, bad_files)
+            service.wait_for_log(f"study={bad_study}: scored 1 image(s)", timeout=60)
+            (owed_sr,) = [p for p in outbox.glob("*.dcm") if not p.name.endswith("_saliency.dcm")]
+            broken = owed_sr.with_suffix(".broken")
+            broken.write_bytes(owed_sr.read_bytes()[:100] + b"\x00garbage")  # cut, then garbage
+            broken.replace(owed_sr)
+        finally:
+            orthanc.start()
+        good = [
+            _study(tmp_path, f"DF-IT-00{6 + n}", age="045Y", sex="M", images=1 + n)
+            for n in range(3)
+        ]
+        for _, files in good:
+            _storescu(service.ae_title, service.port, files)
+        for (study_uid, _files), count in zip(good, (1, 2, 3), strict=True):
+            _eventually(
+                lambda uid=study_uid, n=count: len(_srs_in_orthanc(orthanc, uid)) == n,
+                90,
+                f"{count} SR(s) of a good study in Orthanc",
+            )
+        log = service.wait_for_log("parked after 3 refused attempt(s)", timeout=60)
+        assert service.process is not None and service.process.poll() is None  # still up
+        echo = subprocess.run(
+            [require_tool("echoscu"), "-aec", service.ae_title, "127.0.0.1", str(service.port)]
+        )
+        assert echo.returncode == 0  # and still answering
+        with closing(sqlite3.connect(tmp_path / "svc" / "var" / "state.sqlite3")) as db:
+            parked = db.execute(
+                "SELECT key, last_error FROM outbox WHERE parked_at IS NOT NULL"
+            ).fetchall()
+        assert [key for key, _ in parked] == [f"sr:{owed_sr.stem}"]
+        assert parked[0][1].startswith("refused or unreadable: ")
+        assert _srs_in_orthanc(orthanc, bad_study) == []
+        assert "thread died" not in log and "Traceback" not in log
+        assert "DF-IT-0005" not in log  # the reason names no patient

@@ -21,6 +21,7 @@ def test_embedded_defaults_have_no_pacs_and_no_fhir(tmp_path: Path) -> None:
     assert settings.storage.outbox == tmp_path / "var" / "outbox"
     assert settings.patient_identifier_system == DEFAULT_PATIENT_IDENTIFIER_SYSTEM
     assert settings.saliency.secondary_capture is False
+    assert settings.study.max_attempts == 3 and settings.outbox.max_attempts == 10
 
 
 def test_contract_keys_are_read(tmp_path: Path) -> None:
@@ -66,6 +67,8 @@ dir = "/srv/dermfusion"
         ("[nope]\n", "unknown section [nope]"),
         ("[saliency]\nsecondary_capture = 1\n", "saliency.secondary_capture has the wrong type"),
         ("[listener]\nport = true\n", "listener.port has the wrong type"),
+        ("[study]\nmax_attempts = 0\n", "study.max_attempts must be >= 1"),
+        ("[outbox]\nmax_attempts = 2.5\n", "outbox.max_attempts has the wrong type"),
         ("[listener\n", "site.toml"),
     ],
 )

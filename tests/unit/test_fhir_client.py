@@ -120,8 +120,8 @@ def test_4xx_is_rejected_with_the_diagnostics_on_one_line() -> None:
     assert "\n" not in str(error)
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 429])
-def test_5xx_and_429_mean_retry_later(status: int) -> None:
+@pytest.mark.parametrize("status", [500, 502, 503, 429, 408])
+def test_5xx_408_and_429_mean_retry_later(status: int) -> None:
     with (
         _client(lambda r: httpx.Response(status, text="busy")) as client,
         pytest.raises(FhirUnavailableError) as info,

@@ -1,21 +1,40 @@
-"""Outbox retries and study processing with small fakes (the real servers are in integration)."""
+"""Outbox retries and study processing with small fakes (the real servers are in integration).
+
+Failure handling: refused deliveries and unreadable outbox files are parked and do not hold up
+the queue; a study that keeps failing is parked, its good images reported; nothing a pass
+raises stops the loop, and no log line or parked reason quotes a header value.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
+import pydicom
 import pytest
 
-from dicom_io.sender import PacsUnavailableError
-from fhir_io import FhirUnavailableError
+from dicom_io.images import DermoscopyImage
+from dicom_io.sender import CStoreSender, PacsRejectedError, PacsUnavailableError
+from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError
 from plugin.demographics import ConflictPolicy
-from plugin.outbox import FHIR, PACS, Backoff, Outbox
-from plugin.pipeline import ReportPipeline
-from plugin.service import SpoolSink, StudyProcessor
+from plugin.domain import Demographics
+from plugin.outbox import FHIR, PACS, Backoff, FhirDestination, Outbox, PacsDestination
+from plugin.pipeline import ReportFiles, ReportPipeline
+from plugin.service import SpoolSink, StudyProcessor, StudyScorer
 from plugin.state import InstanceRow, OutboxItem, SqliteStateStore
+from plugin.workers import Worker
 from tests.conftest import SAMPLES
+
+# Stands for a header value an exception text might quote: it must reach no log and no reason.
+MARKED_VALUE = "DOE^JANE-19700230"
 
 
 class FlakyDestination:
@@ -139,3 +158,344 @@ def test_spool_sink_refuses_a_uid_that_is_not_a_uid(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="StudyInstanceUID"):
         sink.accept(ReceivedInstance(b"x", "1.2", "1.2.3", "../../etc", "SCU", "a"))
     assert not (tmp_path / "etc").exists()
+
+
+class RefusingDestination:
+    """Refuses the keys in ``refuse`` with ``error``; delivers everything else."""
+
+    def __init__(self, refuse: set[str], error: Exception) -> None:
+        self.refuse = refuse
+        self.error = error
+        self.delivered: list[str] = []
+
+    def deliver(self, item: OutboxItem) -> None:
+        if item.key in self.refuse:
+            raise self.error
+        self.delivered.append(item.key)
+
+
+def _owe(store: SqliteStateStore, *keys: str, destination: str = PACS) -> None:
+    items = [OutboxItem(k, destination, Path(f"/outbox/{k}"), 0) for k in keys]
+    store.complete([], [], items, now=0.0)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        PacsRejectedError("status 0xA700 (out of resources)", 0xA700),
+        PacsRejectedError("status 0xC000", 0xC000),
+        FhirRejectedError("transaction: FHIR server rejected it with 422: invalid", status=422),
+    ],
+    ids=["dicom-A700", "dicom-C000", "fhir-422"],
+)
+def test_a_refused_delivery_is_parked_after_max_attempts_and_the_next_item_still_goes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refusal: Exception
+) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    _owe(store, "sr:bad", "sr:good")
+    peer = RefusingDestination({"sr:bad"}, refusal)
+    outbox = Outbox(store, {PACS: peer}, Backoff(1, 60), max_attempts=3)
+    with caplog.at_level(logging.WARNING):
+        assert outbox.deliver_due(now=0.0) == 1  # refused (1 of 3); the good one goes anyway
+        assert outbox.deliver_due(now=1.0) == 0  # refused (2 of 3)
+        assert outbox.deliver_due(now=3.0) == 0  # refused (3 of 3): parked
+        assert outbox.deliver_due(now=1e9) == 0  # never tried again
+    assert peer.delivered == ["sr:good"]
+    (parked,) = store.parked()
+    assert (parked.kind, parked.key, parked.attempts) == ("outbox", "sr:bad", 3)
+    assert parked.reason.startswith("refused or unreadable: ") and str(refusal) in parked.reason
+    assert store.outbox_counts() == {"owed": 0, "parked": 1, "delivered": 1}
+    assert sum("parked after 3 refused attempt(s)" in r.getMessage() for r in caplog.records) == 1
+
+    _owe(store, "sr:next")  # a parked item does not hold up what comes after it
+    assert outbox.deliver_due(now=2e9) == 1 and peer.delivered[-1] == "sr:next"
+    peer.refuse.clear()
+    assert store.requeue_parked_deliveries(now=3e9) == 1
+    assert outbox.deliver_due(now=3e9) == 1 and peer.delivered[-1] == "sr:bad"
+
+
+@pytest.mark.parametrize(
+    "outage",
+    [
+        PacsUnavailableError("association rejected: connection refused"),
+        FhirUnavailableError("transaction: FHIR server answered 503: busy", status=503),
+        FhirUnavailableError("transaction: FHIR server answered 408: slow", status=408),
+        FhirUnavailableError("transaction: FHIR server answered 429: wait", status=429),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["pacs-down", "fhir-503", "fhir-408", "fhir-429", "disk-full"],
+)
+def test_a_peer_that_is_away_is_retried_for_as_long_as_it_takes(
+    tmp_path: Path, outage: Exception
+) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    _owe(store, "sr:1")
+    outbox = Outbox(store, {PACS: RefusingDestination({"sr:1"}, outage)}, Backoff(1, 2), 2)
+    for attempt in range(20):
+        outbox.deliver_due(now=10.0 * attempt)
+    (item,) = store.due_outbox(now=1e9, limit=5)
+    assert (item.attempts, item.rejections) == (20, 0)
+    assert store.parked() == []
+
+
+def _write_truncated_sr(path: Path, keep: int) -> None:
+    """A DICOM file cut short, as a crash or a full disk while writing would leave it."""
+    path.write_bytes((SAMPLES / "dms_jpeg_baseline.dcm").read_bytes()[:keep])
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("garbage.dcm", lambda p: p.write_bytes(b"not DICOM at all " * 10)),
+        ("cut-in-meta.dcm", lambda p: _write_truncated_sr(p, 152)),
+        ("cut-before-uid.dcm", lambda p: _write_truncated_sr(p, 400)),
+        ("missing.dcm", lambda p: None),
+        ("bundle.json", lambda p: p.write_text('{"resourceType": "Bundle", "ty')),
+    ],
+)
+def test_a_corrupt_outbox_file_is_parked_and_the_queue_goes_on(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    write: Callable[[Path], None],
+) -> None:
+    """The real destinations read the file: whatever that raises is the item's, not the loop's."""
+    store = SqliteStateStore(tmp_path / "s.db")
+    corrupt = tmp_path / name
+    write(corrupt)
+    destination = FHIR if name.endswith(".json") else PACS
+    store.complete([], [], [OutboxItem("bad", destination, corrupt, 0)], now=0.0)
+    _owe(store, "good", destination=PACS)
+    peer = RefusingDestination(set(), RuntimeError("unused"))
+    # Nothing listens on the PACS port: a file that read fine would fail as "unavailable".
+    sender = CStoreSender(calling_ae="DF", peer_ae="PACS", host="127.0.0.1", port=9)
+    fhir = FhirClient("http://127.0.0.1:9/fhir")
+    real = {PACS: PacsDestination(sender), FHIR: FhirDestination(fhir)}
+
+    class Route:
+        def deliver(self, item: OutboxItem) -> None:
+            (real if item.key == "bad" else {PACS: peer})[item.destination].deliver(item)
+
+    outbox = Outbox(store, {PACS: Route(), FHIR: Route()}, Backoff(1, 1), max_attempts=2)
+    with caplog.at_level(logging.INFO):
+        assert outbox.deliver_due(now=0.0) == 1
+        assert outbox.deliver_due(now=1.0) == 0
+    fhir.close()
+    assert peer.delivered == ["good"]
+    (parked,) = store.parked()
+    assert parked.key == "bad" and parked.reason.startswith("refused or unreadable: ")
+    assert "\n" not in parked.reason
+
+
+def _image_copy(source: Path, target: Path, sop_instance_uid: str, **tags: str) -> InstanceRow:
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(target)
+    return InstanceRow(sop_instance_uid, ds.StudyInstanceUID, ds.SOPClassUID, target)
+
+
+@dataclass
+class _FakeReport:
+    """What StudyProcessor needs of an ImageReport, without the model."""
+
+    image: DermoscopyImage
+
+    @property
+    def sr(self) -> SimpleNamespace:
+        return SimpleNamespace(SOPInstanceUID=f"{self.image.ref.sop_instance_uid}.9")
+
+    capture = None
+    finding = SimpleNamespace(melanoma_suspected=False)
+
+    def write_files(self, folder: Path) -> ReportFiles:
+        folder.mkdir(parents=True, exist_ok=True)
+        uid = self.sr.SOPInstanceUID
+        files = ReportFiles(folder / f"{uid}.dcm", folder / f"{uid}.json", folder / f"{uid}.png")
+        for path in (files.sr, files.bundle, files.saliency):
+            path.write_bytes(b"report")
+        return files
+
+
+class FakePipeline:
+    """Reports every image but those named, for which it raises what highdicom raises on a
+    malformed header value: an error whose text quotes the value."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        self.refuse = refuse
+        self.batches: list[list[str]] = []
+
+    def run(
+        self, images: Sequence[DermoscopyImage], demographics: Sequence[Demographics]
+    ) -> list[_FakeReport]:
+        self.batches.append([i.ref.sop_instance_uid for i in images])
+        for image in images:
+            if image.ref.sop_instance_uid in self.refuse:
+                raise ValueError(f"Unable to convert '{MARKED_VALUE}' to 'PN'")
+        return [_FakeReport(image) for image in images]
+
+
+def test_a_study_that_keeps_failing_is_parked_and_its_good_images_are_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    spool = tmp_path / "spool"
+    good = _image_copy(SAMPLES / "dms_jpeg_baseline.dcm", spool / "good.dcm", "1.2.826.0.1.1")
+    bad = _image_copy(SAMPLES / "dms_jpeg_baseline.dcm", spool / "bad.dcm", "1.2.826.0.1.2")
+    for row in (good, bad):
+        store.record_instance(row, "a", 1.0)
+    store.close_association("a", 1.0)
+    pipeline = FakePipeline(refuse={bad.sop_instance_uid})
+    processor = StudyProcessor(
+        store=store,
+        pipeline=pipeline,  # type: ignore[arg-type]
+        outbox_dir=tmp_path / "outbox",
+        destinations=frozenset({PACS}),
+        fhir=None,
+        patient_identifier_system="urn:test",
+        conflict_policy=ConflictPolicy.DICOM,
+        fhir_wait_seconds=10,
+        backoff=Backoff(1, 4),
+    )
+    scorer = StudyScorer(store, processor, stable_seconds=0, backoff=Backoff(1, 4), max_attempts=3)
+    study = good.study_instance_uid
+    with caplog.at_level(logging.INFO):
+        assert scorer.score_ready(now=10.0) == 0  # the study together: fails (1 of 3)
+        assert store.due_outbox(now=1e9, limit=5) == []
+        assert scorer.score_ready(now=10.5) == 0  # not due yet
+        assert scorer.score_ready(now=11.0) == 0  # one image at a time: good reported (2 of 3)
+        assert [i.key for i in store.due_outbox(now=1e9, limit=5)] == ["sr:1.2.826.0.1.1.9"]
+        assert scorer.score_ready(now=13.0) == 0  # the bad one alone (3 of 3): parked
+        assert scorer.score_ready(now=1e9) == 0  # and no longer tried
+    assert pipeline.batches == [
+        [good.sop_instance_uid, bad.sop_instance_uid],
+        [good.sop_instance_uid],
+        [bad.sop_instance_uid],
+        [bad.sop_instance_uid],
+    ]
+    (parked,) = store.parked()
+    assert (parked.kind, parked.key, parked.attempts) == ("study", study, 3)
+    assert parked.reason.startswith("scoring failed: ValueError at ")
+    assert "tests/unit/test_outbox_and_processing.py" in parked.reason  # where it was raised
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any(MARKED_VALUE in m for m in messages) and MARKED_VALUE not in parked.reason
+    assert sum(f"study={study}: parked after 3 failed attempt(s)" in m for m in messages) == 1
+    assert sum(f"study={study}: processing failed" in m for m in messages) == 2
+
+    pipeline.refuse.clear()  # the cause is fixed: an operator re-queues the study
+    assert store.requeue_parked_studies([study]) == 1
+    assert scorer.score_ready(now=2e9) == 1
+    assert len(store.due_outbox(now=3e9, limit=5)) == 2 and store.parked() == []
+
+
+class FailingProcessor:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def process(self, study_uid: str, now: float, *, one_by_one: bool = False) -> None:
+        self.calls += 1
+        raise self.error
+
+
+def _ready_study(store: SqliteStateStore, study: str = "1.2.3") -> str:
+    row = InstanceRow("1.2.3.1", study, "1.2.840.10008.5.1.4.1.1.77.1.7", Path("/x.dcm"))
+    store.record_instance(row, "a", 0.0)
+    store.close_association("a", 0.0)
+    return study
+
+
+def test_a_full_disk_postpones_a_study_without_counting_it(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    study = _ready_study(store)
+    processor = FailingProcessor(OSError(errno.ENOSPC, "No space left on device"))
+    scorer = StudyScorer(store, processor, stable_seconds=0, backoff=Backoff(1, 5), max_attempts=1)
+    for attempt in range(5):
+        scorer.score_ready(now=10.0 * (attempt + 1))
+    assert processor.calls == 5
+    assert store.study_attempts(study) == 0 and store.parked() == []
+
+
+class DiskFullWhenRecording(SqliteStateStore):
+    """SQLite on a full disk: recording the failure raises too, ``failures`` times."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    def record_study_failure(
+        self, study_instance_uid: str, reason: str, now: float, retry_at: float | None
+    ) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().record_study_failure(study_instance_uid, reason, now, retry_at)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_scoring_loop_survives_the_processor_and_the_error_handler_failing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = DiskFullWhenRecording(tmp_path / "s.db", failures=2)
+    study = _ready_study(store)
+    processor = FailingProcessor(KeyError(MARKED_VALUE))
+    scorer = StudyScorer(store, processor, stable_seconds=0, backoff=Backoff(0, 0), max_attempts=2)
+    stop = threading.Event()
+    worker = Worker(
+        "test-scoring", scorer.score_ready, stop, poll_seconds=0.01, pause=Backoff(0, 0)
+    )
+    with caplog.at_level(logging.WARNING):
+        worker.start()
+        try:
+            _wait_for(lambda: store.parked() != [])
+            assert worker.is_alive()
+        finally:
+            stop.set()
+            worker.join(5)
+    assert processor.calls == 4  # two failures the store could not record, then two counted
+    assert store.parked()[0].key == study
+    messages = [r.getMessage() for r in caplog.records]
+    passes = [m for m in messages if m.startswith("test-scoring: pass failed")]
+    assert len(passes) == 2 and all(
+        "OperationalError: database or disk is full" in m for m in passes
+    )
+    assert not any(MARKED_VALUE in m for m in messages)
+
+
+def test_the_delivery_loop_survives_a_store_that_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class LockedOnce(SqliteStateStore):
+        failed = False
+
+        def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
+            if not self.failed:
+                self.failed = True
+                raise sqlite3.OperationalError("database is locked")
+            return super().due_outbox(now, limit)
+
+    store = LockedOnce(tmp_path / "s.db")
+    _owe(store, "sr:1")
+    peer = RefusingDestination(set(), RuntimeError("unused"))
+    outbox = Outbox(store, {PACS: peer}, Backoff(1, 1))
+    stop = threading.Event()
+    worker = Worker(
+        "test-delivery", outbox.deliver_due, stop, poll_seconds=0.01, pause=Backoff(0, 0)
+    )
+    with caplog.at_level(logging.ERROR):
+        worker.start()
+        try:
+            _wait_for(lambda: peer.delivered == ["sr:1"])
+        finally:
+            stop.set()
+            worker.join(5)
+    assert any("database is locked" in r.getMessage() for r in caplog.records)
