@@ -197,7 +197,8 @@ class WholeNetworkTrainer:
         first_epoch, step = 0, 0
         last = checkpoints / "last.pt"
         if last.exists():
-            state = torch.load(last, map_location=self.device, weights_only=False)
+            # on CPU: the generator states must stay CPU tensors; the optimiser moves its own
+            state = torch.load(last, map_location="cpu", weights_only=False)
             network.load_state_dict(state["network"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])

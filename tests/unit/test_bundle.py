@@ -84,3 +84,12 @@ def test_inference_builds_the_network_that_training_trains() -> None:
     assert inference == train["recipe"]["network"]
     trained = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())["recipe"]
     assert {k: v for k, v in train["recipe"].items() if k != "_target_"} == trained
+
+
+def test_model_card_tables_are_the_committed_metrics() -> None:
+    """Regenerating the card's tables from the committed metrics changes nothing."""
+    from training.model_card import rendered
+
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    assert "<!-- generated:validation -->" in card
+    assert rendered(card) == card, "stale tables: run python -m training.model_card"

@@ -1,0 +1,41 @@
+"""The whole-network trainer's parts that need no data: weighting, devices, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.whole_network import Recipe, WholeNetworkTrainer, _platt, clinic_prevalence_weights
+
+
+def test_weighting_gives_every_clinic_the_pooled_prevalence() -> None:
+    clinics = np.array(["a"] * 10 + ["b"] * 10 + ["c"] * 4 + ["a"] * 2)
+    labels = np.array([1] * 5 + [0] * 5 + [1] + [0] * 9 + [0] * 4 + [1, 0], dtype=np.float32)
+    is_train = np.arange(len(labels)) < 24  # the last two rows are validation
+    weights = clinic_prevalence_weights(clinics, labels, is_train, max_weight=100.0)
+    pooled = labels[is_train].mean()
+    for clinic in ("a", "b"):
+        rows = (clinics == clinic) & is_train
+        weighted = (weights[rows] * labels[rows]).sum() / weights[rows].sum()
+        assert weighted == pytest.approx(pooled)
+    assert (weights[clinics == "c"] == 1).all()  # benign only: nothing to rebalance
+    # validation rows of clinic a weighted as its training rows are
+    assert weights[24] == weights[0] and weights[25] == weights[5]
+    capped = clinic_prevalence_weights(clinics, labels, is_train, max_weight=2.0)
+    assert capped[10] == 2.0 < weights[10]  # clinic b's one melanoma: 0.25 / 0.1
+    assert np.array_equal(capped[:10], weights[:10])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_device_is_refused_in_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        WholeNetworkTrainer(Recipe(), str(tmp_path), str(tmp_path), device="cuda")
+
+
+def test_platt_recovers_a_known_scale_and_shift() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, 20000)
+    labels = (rng.random(20000) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(int)
+    scale, shift = _platt(logits, labels, np.ones(len(labels)))
+    assert scale == pytest.approx(0.5, abs=0.05) and shift == pytest.approx(-1.0, abs=0.08)
