@@ -1,14 +1,20 @@
-"""The ``dermfusion`` command: serve, infer, predict, train."""
+"""The ``dermfusion`` command: serve, infer, predict, train; status, resend, requeue."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
+import time
 from collections.abc import Sequence
+from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 
-from plugin.config import REPO_ROOT, ConfigError, load_settings
+from plugin.config import REPO_ROOT, ConfigError, Settings, load_settings
+from plugin.domain import is_uid
+from plugin.state import SqliteStateStore, StateDatabaseError, StateStore
 
 log = logging.getLogger("dermfusion")
 
@@ -61,6 +67,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--data-root", type=Path, help="default: ../shared/data")
     evaluate.add_argument("--out", type=Path, help="default: the bundle's docs/evaluation/")
+
+    sub.add_parser(
+        "status",
+        parents=[common],
+        help="outbox backlog, parked studies and deliveries, recent failures (read-only); exit "
+        "0 when nothing is parked or stuck, 1 when something is, 2 when the state is unreadable",
+    )
+    resend = sub.add_parser(
+        "resend",
+        parents=[common],
+        help="owe a study's reports (SR, saliency capture, FHIR Bundle) again, delivered or "
+        "parked; a parked study with unscored images is scored again",
+    )
+    resend.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID")
+    requeue = sub.add_parser(
+        "requeue",
+        parents=[common],
+        help="give what was parked another set of attempts",
+    )
+    requeue.add_argument(
+        "--parked",
+        action="store_true",
+        required=True,
+        help="every parked study and delivery (required: the command does no more than it says)",
+    )
     return parser
 
 
@@ -167,12 +198,157 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _run_bundle_config(args, "evaluate.json", **overrides)
 
 
+# How many of the most recent failed instances `dermfusion status` lists.
+STATUS_FAILED_INSTANCES = 10
+# What makes an operator command exit 2 with one line: no state database, a schema this release
+# does not read, or SQLite failing (not a database, locked for longer than the busy timeout).
+_STATE_ERRORS = (StateDatabaseError, sqlite3.Error)
+
+
+def _open_state(settings: Settings, *, read_only: bool) -> SqliteStateStore:
+    """The running service's state database, opened for one short operator command."""
+    return SqliteStateStore.open_existing(settings.storage.state_database, read_only=read_only)
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _status_lines(settings: Settings, store: StateStore, now: float) -> tuple[list[str], int]:
+    """One line per fact, then a summary; and the exit status (1: something needs a person).
+
+    Only UIDs, outbox keys, times and recorded reasons are printed: the state database holds
+    no patient names, IDs or birth dates, and the reasons were written to be logged.
+    """
+    from plugin.outbox import FHIR, PACS
+
+    stuck_after = settings.outbox.stuck_after_seconds
+    backlog = {b.destination: b for b in store.outbox_backlog()}
+    configured = [
+        name for name, section in ((PACS, settings.pacs), (FHIR, settings.fhir)) if section
+    ]
+    lines: list[str] = []
+    stuck: list[str] = []
+    for destination in dict.fromkeys([*configured, *backlog]):
+        owed = backlog.get(destination)
+        if owed is None or owed.oldest_enqueued_at is None:
+            lines.append(f"outbox {destination}: nothing owed")
+            continue
+        age = max(0.0, now - owed.oldest_enqueued_at)
+        line = f"outbox {destination}: {owed.owed} owed, the oldest for {age:.0f} s"
+        if age > stuck_after:
+            stuck.append(destination)
+            line += f" (stuck: owed longer than {stuck_after:.0f} s)"
+        lines.append(line)
+    if not configured and not backlog:
+        lines.append(
+            f"outbox: no PACS or FHIR server configured (reports stay in {settings.storage.outbox})"
+        )
+    parked = store.parked()
+    for item in parked:
+        since = f"since {_utc(item.parked_at)} after {item.attempts} attempt(s)"
+        if item.kind == "study":
+            lines.append(f"parked study {item.key}: {since}: {item.reason}")
+        else:
+            study = item.study_instance_uid or "not recorded"
+            lines.append(
+                f"parked delivery {item.key} to {item.destination} (study {study}): "
+                f"{since}: {item.reason}"
+            )
+    failed = store.failed_instances(STATUS_FAILED_INSTANCES + 1)
+    for instance in failed[:STATUS_FAILED_INSTANCES]:
+        lines.append(
+            f"failed instance {instance.sop_instance_uid} (study {instance.study_instance_uid}, "
+            f"received {_utc(instance.received_at)}): {instance.reason}"
+        )
+    if len(failed) > STATUS_FAILED_INSTANCES:
+        lines.append(f"failed instances: older than these {STATUS_FAILED_INSTANCES} not shown")
+    studies = sum(p.kind == "study" for p in parked)
+    problems = [
+        f"parked deliveries {len(parked) - studies}" if len(parked) > studies else "",
+        f"parked studies {studies}" if studies else "",
+        f"stuck outbox {' '.join(stuck)}" if stuck else "",
+    ]
+    if any(problems):
+        lines.append(f"status: needs attention: {', '.join(filter(None, problems))}")
+        return lines, 1
+    lines.append("status: ok")
+    return lines, 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    try:
+        with closing(_open_state(settings, read_only=True)) as store:
+            lines, status = _status_lines(settings, store, time.time())
+    except _STATE_ERRORS as error:
+        print(f"dermfusion status: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return status
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    study = args.study_uid
+    if not is_uid(study):
+        print(
+            "dermfusion resend: STUDY_UID must be a DICOM UID (digits and dots, at most 64)",
+            file=sys.stderr,
+        )
+        return 2
+    settings = load_settings(args.config)
+    now = time.time()
+    try:
+        with closing(_open_state(settings, read_only=False)) as store:
+            if not store.knows_study(study):
+                print(f"dermfusion resend: no study {study} in the state database", file=sys.stderr)
+                return 1
+            deliveries = store.requeue_study_deliveries(study, now)
+            unscored = len(store.pending_instances(study))
+            rescored = unscored > 0 and store.requeue_parked_studies([study]) > 0
+    except _STATE_ERRORS as error:
+        print(f"dermfusion resend: {error}", file=sys.stderr)
+        return 2
+    if not deliveries and not rescored:
+        print(
+            f"dermfusion resend: study {study} has nothing to re-send: no deliveries recorded "
+            "for it (none was owed when it was scored, or it was scored before state schema 2) "
+            "and no parked images to score again",
+            file=sys.stderr,
+        )
+        return 1
+    done = []
+    if deliveries:
+        per = ", ".join(f"{destination} {n}" for destination, n in deliveries.items())
+        done.append(f"{sum(deliveries.values())} deliveries re-queued ({per})")
+    if rescored:
+        done.append(f"parked study re-queued for scoring ({unscored} unscored instance(s))")
+    print(f"resend {study}: {'; '.join(done)}")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    try:
+        with closing(_open_state(settings, read_only=False)) as store:
+            deliveries = store.requeue_parked_deliveries(time.time())
+            studies = store.requeue_parked_studies()
+    except _STATE_ERRORS as error:
+        print(f"dermfusion requeue: {error}", file=sys.stderr)
+        return 2
+    print(f"requeue: {deliveries} parked deliveries and {studies} parked studies re-queued")
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "predict": cmd_predict,
     "infer": cmd_infer,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "status": cmd_status,
+    "resend": cmd_resend,
+    "requeue": cmd_requeue,
 }
 
 

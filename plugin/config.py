@@ -61,6 +61,13 @@ class OutboxSettings:
     retry_max_seconds: float
     max_attempts: int
 
+    @property
+    def stuck_after_seconds(self) -> float:
+        """An owed delivery older than this is stuck, not merely being retried: it has sat
+        through the longest backoff three times (or nothing is delivering). A minute at least,
+        so a burst of studies queued behind each other is not mistaken for it."""
+        return max(60.0, 3 * self.retry_max_seconds)
+
 
 @dataclass(frozen=True)
 class SaliencySettings:
@@ -74,6 +81,11 @@ class StorageSettings:
     @property
     def outbox(self) -> Path:
         return self.dir / "outbox"
+
+    @property
+    def state_database(self) -> Path:
+        """The one SQLite file of plugin.state: the service and the operator commands share it."""
+        return self.dir / "state.sqlite3"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ plain Python): it is the one thing the I/O packages may import from ``plugin``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -28,6 +29,13 @@ __all__ = [
 ]
 
 SNOMED = "SCT"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_uid(value: str) -> bool:
+    """Digits and dots, at most 64 characters: safe as a path component, and the form the
+    listener accepts (so an operator command accepts every UID the state database holds)."""
+    return len(value) <= 64 and _UID.match(value) is not None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ reason after ``[study] max_attempts`` instead of being retried for ever.
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import threading
 import time
@@ -29,7 +28,7 @@ from dicom_io.spool import write_bytes_durably
 from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError, demographics_from_patient
 from plugin.config import Settings
 from plugin.demographics import ConflictPolicy, merge, needs_lookup
-from plugin.domain import Demographics
+from plugin.domain import Demographics, is_uid
 from plugin.failures import describe, is_environmental
 from plugin.model import FusionModel
 from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
@@ -39,7 +38,6 @@ from plugin.workers import Supervisor, Worker
 
 log = logging.getLogger(__name__)
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 WORKER_POLL_SECONDS = 0.2  # how often the threads look for ready studies and due deliveries
 # After a failed pass (a full disk, a locked database) a worker waits 1 s, doubling up to this:
 # how soon work resumes once the cause is gone, against how often the log repeats it.
@@ -49,7 +47,7 @@ SUPERVISOR_CHECK_SECONDS = 1.0  # how soon a dead worker thread is noticed and r
 
 def _safe_uid(value: str, name: str) -> str:
     """UIDs become path components in the spool: refuse anything that is not a UID."""
-    if not _UID.match(value) or len(value) > 64:
+    if not is_uid(value):
         raise ValueError(f"{name} is not a valid UID")
     return value
 
@@ -196,14 +194,17 @@ class StudyProcessor:
     def _stage(self, report: ImageReport) -> list[OutboxItem]:
         """Write both reports to the outbox folder; owe them to the configured destinations."""
         files = report.write_files(self.outbox_dir)  # the saliency PNG stays local
+        study = report.image.ref.study_instance_uid  # recorded so `dermfusion resend` finds them
         owed = []
         if PACS in self.destinations:
-            owed.append(OutboxItem(f"sr:{report.sr.SOPInstanceUID}", PACS, files.sr, 0))
+            sr_key = f"sr:{report.sr.SOPInstanceUID}"
+            owed.append(OutboxItem(sr_key, PACS, files.sr, 0, study_instance_uid=study))
             if report.capture is not None and files.capture is not None:
                 key = f"sc:{report.capture.SOPInstanceUID}"
-                owed.append(OutboxItem(key, PACS, files.capture, 0))
+                owed.append(OutboxItem(key, PACS, files.capture, 0, study_instance_uid=study))
         if FHIR in self.destinations:
-            owed.append(OutboxItem(f"fhir:{report.sr.SOPInstanceUID}", FHIR, files.bundle, 0))
+            key = f"fhir:{report.sr.SOPInstanceUID}"
+            owed.append(OutboxItem(key, FHIR, files.bundle, 0, study_instance_uid=study))
         return owed
 
 
@@ -278,7 +279,7 @@ class DermfusionService:
 
     def __post_init__(self) -> None:
         storage = self.settings.storage
-        self.store = SqliteStateStore(storage.dir / "state.sqlite3")
+        self.store = SqliteStateStore(storage.state_database)
         self.fhir = FhirClient(self.settings.fhir.base_url) if self.settings.fhir else None
         destinations: dict[str, Destination] = {}
         if self.settings.pacs is not None:

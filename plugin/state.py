@@ -8,6 +8,10 @@ instance survives a SIGKILL.
 The schema carries its version in ``PRAGMA user_version`` and migrates forward on open, so the
 state file of an older release keeps what it owes. A study or delivery that keeps failing is
 *parked*: it stays in the database with its reason, is no longer tried, and can be re-queued.
+
+The operator commands (``dermfusion status``, ``resend``, ``requeue``) open the file with
+``SqliteStateStore.open_existing`` beside the running service: never creating or migrating it,
+read-only where they only look, and only for as long as one command takes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class OutboxItem:
     path: Path
     attempts: int
     rejections: int = 0  # failed attempts that retrying as-is would not fix; parked at the limit
+    # The study the report is about, so a study's reports can be sent again (`dermfusion
+    # resend`); None for an item enqueued before schema version 2, which did not record it.
+    study_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,29 @@ class ParkedItem:
     reason: str
     attempts: int
     parked_at: float
+    destination: str | None = None  # a delivery's destination; None for a study
+    # The study concerned: the key of a parked study; for a delivery, the study its report is
+    # about (what to give `dermfusion resend`), None when enqueued before schema version 2.
+    study_instance_uid: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxBacklog:
+    """What one destination is owed and since when: a growing age means delivery is stuck."""
+
+    destination: str
+    owed: int
+    oldest_enqueued_at: float | None  # None when nothing is owed
+
+
+@dataclass(frozen=True)
+class FailedInstance:
+    """A received instance that will never be scored, and why (not retried: it is the file)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    reason: str  # the recorded error without the spool path it starts with (the UID names it)
+    received_at: float
 
 
 class StateStore(Protocol):
@@ -83,6 +113,10 @@ class StateStore(Protocol):
     def parked(self) -> list[ParkedItem]: ...
     def requeue_parked_studies(self, study_instance_uids: Sequence[str] = ()) -> int: ...
     def requeue_parked_deliveries(self, now: float, keys: Sequence[str] = ()) -> int: ...
+    def outbox_backlog(self) -> list[OutboxBacklog]: ...
+    def failed_instances(self, limit: int) -> list[FailedInstance]: ...
+    def knows_study(self, study_instance_uid: str) -> bool: ...
+    def requeue_study_deliveries(self, study_instance_uid: str, now: float) -> dict[str, int]: ...
 
 
 # Version 0: the schema of 0.5.0, which set no user_version. Created as-is on a new file, then
@@ -131,12 +165,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE outbox ADD COLUMN rejections INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE outbox ADD COLUMN parked_at REAL",
     ),
+    (  # 2: each delivery knows its study, so a study's reports can be sent again
+        "ALTER TABLE outbox ADD COLUMN study_instance_uid TEXT",
+        "CREATE INDEX IF NOT EXISTS outbox_by_study ON outbox (study_instance_uid)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+# Seconds an operator command waits for the service's write lock (its transactions are short).
+OPERATOR_BUSY_TIMEOUT_SECONDS = 10.0
 
 
 class SchemaVersionError(RuntimeError):
     """The state file was written by a newer release: opening it could lose what it records."""
+
+
+class StateDatabaseError(RuntimeError):
+    """The state file an operator command needs is absent, or not at this release's schema
+    (only the service creates and migrates it, so a command never changes what it records)."""
 
 
 class SqliteStateStore:
@@ -150,6 +195,48 @@ class SqliteStateStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+
+    @classmethod
+    def open_existing(cls, path: Path, *, read_only: bool = False) -> Self:
+        """Open the file of a (possibly running) service for an operator command.
+
+        Unlike the constructor it never creates the file or migrates it: a typo in
+        ``--config`` must not leave an empty database behind, and the running service owns the
+        schema. ``read_only`` opens it so that the command cannot change anything. WAL mode
+        lets it read while the service writes; writes wait up to
+        OPERATOR_BUSY_TIMEOUT_SECONDS for the service's short transactions.
+        """
+        if not path.is_file():
+            raise StateDatabaseError(f"no state database at {path}")
+        db = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode={'ro' if read_only else 'rw'}",
+            uri=True,
+            check_same_thread=False,
+            isolation_level=None,
+            timeout=OPERATOR_BUSY_TIMEOUT_SECONDS,
+        )
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version != SCHEMA_VERSION:
+                remedy = (
+                    "start `dermfusion serve` once to migrate it"
+                    if version < SCHEMA_VERSION
+                    else "it was written by a newer release"
+                )
+                raise StateDatabaseError(
+                    f"state database {path} has schema {version}, this release reads "
+                    f"{SCHEMA_VERSION}: {remedy}"
+                )
+            if not read_only:
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            db.close()
+            raise
+        store = cls.__new__(cls)
+        store._lock = threading.Lock()
+        store._db = db
+        return store
 
     def _migrate(self) -> None:
         """Bring the file to SCHEMA_VERSION in one transaction: all steps or none."""
@@ -288,8 +375,11 @@ class SqliteStateStore:
         with self._transaction() as db:
             db.executemany(
                 """INSERT OR IGNORE INTO outbox (key, destination, path, next_attempt_at,
-                       enqueued_at) VALUES (?, ?, ?, ?, ?)""",
-                [(o.key, o.destination, str(o.path), now, now) for o in outbox],
+                       enqueued_at, study_instance_uid) VALUES (?, ?, ?, ?, ?, ?)""",
+                [
+                    (o.key, o.destination, str(o.path), now, now, o.study_instance_uid)
+                    for o in outbox
+                ],
             )
             db.executemany(
                 "UPDATE instances SET state = 'reported', error = NULL WHERE sop_instance_uid = ?",
@@ -303,12 +393,13 @@ class SqliteStateStore:
     def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
         with self._lock:
             rows = self._db.execute(
-                """SELECT key, destination, path, attempts, rejections FROM outbox
+                """SELECT key, destination, path, attempts, rejections, study_instance_uid
+                   FROM outbox
                    WHERE delivered_at IS NULL AND parked_at IS NULL AND next_attempt_at <= ?
                    ORDER BY next_attempt_at LIMIT ?""",
                 (now, limit),
             ).fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), int(r[3]), int(r[4])) for r in rows]
+        return [OutboxItem(r[0], r[1], Path(r[2]), int(r[3]), int(r[4]), r[5]) for r in rows]
 
     def delivered(self, key: str, now: float) -> None:
         with self._transaction() as db:
@@ -395,13 +486,15 @@ class SqliteStateStore:
         with self._lock:
             rows = self._db.execute(
                 """SELECT 'study', study_instance_uid, COALESCE(last_error, ''), attempts,
-                          parked_at FROM studies WHERE parked_at IS NOT NULL
+                          parked_at, NULL, study_instance_uid
+                   FROM studies WHERE parked_at IS NOT NULL
                    UNION ALL
-                   SELECT 'outbox', key, COALESCE(last_error, ''), attempts, parked_at
+                   SELECT 'outbox', key, COALESCE(last_error, ''), attempts, parked_at,
+                          destination, study_instance_uid
                    FROM outbox WHERE parked_at IS NOT NULL AND delivered_at IS NULL
                    ORDER BY 5, 2"""
             ).fetchall()
-        return [ParkedItem(r[0], r[1], r[2], int(r[3]), float(r[4])) for r in rows]
+        return [ParkedItem(r[0], r[1], r[2], int(r[3]), float(r[4]), r[5], r[6]) for r in rows]
 
     def requeue_parked_studies(self, study_instance_uids: Sequence[str] = ()) -> int:
         """Give parked studies (all, or those named) a fresh set of attempts, now."""
@@ -420,6 +513,65 @@ class SqliteStateStore:
                 " WHERE parked_at IS NOT NULL AND delivered_at IS NULL" + _named("key", keys),
                 (now, *keys),
             ).rowcount
+
+    def outbox_backlog(self) -> list[OutboxBacklog]:
+        """Per destination with anything owed: how many deliveries are still being tried, and
+        since when the oldest is owed (parked ones are not counted: they are not tried)."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT destination, COUNT(*), MIN(enqueued_at) FROM outbox
+                   WHERE delivered_at IS NULL AND parked_at IS NULL
+                   GROUP BY destination ORDER BY destination"""
+            ).fetchall()
+        return [OutboxBacklog(r[0], int(r[1]), float(r[2])) for r in rows]
+
+    def failed_instances(self, limit: int) -> list[FailedInstance]:
+        """The most recently received instances that could not be scored, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT sop_instance_uid, study_instance_uid, COALESCE(error, ''), path,
+                          received_at
+                   FROM instances WHERE state = 'failed'
+                   ORDER BY received_at DESC, sop_instance_uid LIMIT ?""",
+                (limit,),
+            ).fetchall()
+        return [
+            FailedInstance(r[0], r[1], r[2].removeprefix(f"{r[3]}: "), float(r[4])) for r in rows
+        ]
+
+    def knows_study(self, study_instance_uid: str) -> bool:
+        """Was anything of this study received, tried or owed? (Tells a mistyped UID apart
+        from a study that merely has nothing to re-send.)"""
+        with self._lock:
+            row = self._db.execute(
+                """SELECT EXISTS (SELECT 1 FROM instances WHERE study_instance_uid = ?)
+                       OR EXISTS (SELECT 1 FROM studies WHERE study_instance_uid = ?)
+                       OR EXISTS (SELECT 1 FROM outbox WHERE study_instance_uid = ?)""",
+                (study_instance_uid,) * 3,
+            ).fetchone()
+        return bool(row[0])
+
+    def requeue_study_deliveries(self, study_instance_uid: str, now: float) -> dict[str, int]:
+        """Owe every delivery of the study's reports again, due now: delivered, parked or still
+        owed (the peer may have lost what it acknowledged). Returns the count per destination.
+
+        Safe to repeat: the SR keeps its SOP Instance UID and the FHIR creates are conditional.
+        A delivered item's ``enqueued_at`` becomes now, so the backlog's age counts from the
+        re-send; one that was never delivered keeps its age.
+        """
+        with self._transaction() as db:
+            rows = db.execute(
+                """UPDATE outbox SET delivered_at = NULL, parked_at = NULL, rejections = 0,
+                       next_attempt_at = ?,
+                       enqueued_at = CASE WHEN delivered_at IS NULL THEN enqueued_at ELSE ? END
+                   WHERE study_instance_uid = ?
+                   RETURNING destination""",
+                (now, now, study_instance_uid),
+            ).fetchall()
+        counts: dict[str, int] = {}
+        for (destination,) in rows:
+            counts[destination] = counts.get(destination, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def _named(column: str, values: Sequence[str]) -> str:

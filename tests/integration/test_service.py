@@ -27,7 +27,7 @@ from dicom_io.sr import ReportedFinding, read_reported_finding
 from fhir_io import FhirClient
 from fhir_io.reports import STUDY_UID_SYSTEM
 from plugin.domain import SiteCode
-from tests.conftest import SAMPLES, require_tool
+from tests.conftest import SAMPLES, dermfusion_command, require_tool
 from tests.integration.dermfusion_process import (
     DermfusionProcess,
     free_port,
@@ -320,3 +320,66 @@ def test_a_corrupt_outbox_item_is_parked_and_the_good_studies_behind_it_are_deli
         assert _srs_in_orthanc(orthanc, bad_study) == []
         assert "thread died" not in log and "Traceback" not in log
         assert "DF-IT-0005" not in log  # the reason names no patient
+
+
+def _outbox_of_study(service: DermfusionProcess, study_uid: str) -> dict[str, float | None]:
+    """Outbox key -> delivered_at of the study's deliveries, read as an operator would."""
+    with closing(sqlite3.connect(service.workdir / "var" / "state.sqlite3")) as db:
+        rows = db.execute(
+            "SELECT key, delivered_at FROM outbox WHERE study_instance_uid = ?", (study_uid,)
+        ).fetchall()
+    return dict(rows)
+
+
+def _dermfusion(service: DermfusionProcess, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*dermfusion_command(), *argv, "--config", str(service.config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_resend_delivers_a_studys_reports_again_without_duplicates(
+    orthanc: OrthancServer, service: DermfusionProcess, fhir_base_url: str, tmp_path: Path
+) -> None:
+    """Issue 20, item 3: `dermfusion resend` beside the running service; Orthanc keeps one SR
+    and one saliency capture, the FHIR server one DiagnosticReport."""
+    study_uid, files = _study(tmp_path, "DF-IT-0020", age="063Y", sex="F")
+    _storescu(service.ae_title, service.port, files)
+    _eventually(lambda: len(_srs_in_orthanc(orthanc, study_uid)) == 1, 90, "the SR in Orthanc")
+    first = _eventually(
+        lambda: (
+            (o := _outbox_of_study(service, study_uid)) and len(o) == 3 and all(o.values()) and o
+        ),
+        60,
+        "SR, capture and Bundle of the study delivered",
+    )
+    assert {key.split(":")[0] for key in first} == {"sr", "sc", "fhir"}
+
+    resent_at = time.time()
+    resend = _dermfusion(service, "resend", study_uid)
+    assert resend.returncode == 0, resend.stderr
+    assert resend.stdout == f"resend {study_uid}: 3 deliveries re-queued (fhir 1, pacs 2)\n"
+    _eventually(
+        lambda: all((at or 0) >= resent_at for at in _outbox_of_study(service, study_uid).values()),
+        60,
+        "all three delivered again",
+    )
+    log = service.log_text()
+    for key in first:
+        assert log.count(f"outbox: delivered {key} to ") == 2
+    assert len(_srs_in_orthanc(orthanc, study_uid)) == 1
+    assert len(_captures_in_orthanc(orthanc, study_uid)) == 1
+    reports = _reports_for_study(fhir_base_url, study_uid)
+    assert sum(r["resourceType"] == "DiagnosticReport" for r in reports) == 1
+
+    status = _dermfusion(service, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.splitlines()[-1] == "status: ok"
+    assert "outbox pacs: nothing owed" in status.stdout
+    assert "DF-IT-0020" not in status.stdout + resend.stdout  # no patient identifiers
+
+    unknown = _dermfusion(service, "resend", generate_uid())
+    assert unknown.returncode == 1
+    assert unknown.stderr.count("\n") == 1 and "no study" in unknown.stderr

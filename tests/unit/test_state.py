@@ -1,20 +1,24 @@
 """The SQLite state store: readiness rules, exactly-once completion, outbox bookkeeping,
-parking and re-queueing, schema migration."""
+parking and re-queueing, schema migration, and what the operator commands read and change."""
 
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from plugin.state import (
     SCHEMA_VERSION,
+    FailedInstance,
     InstanceRow,
+    OutboxBacklog,
     OutboxItem,
     ParkedItem,
     SchemaVersionError,
     SqliteStateStore,
+    StateDatabaseError,
 )
 
 STUDY = "1.2.3"
@@ -102,7 +106,9 @@ def test_a_study_that_keeps_failing_is_parked_with_its_reason_and_can_be_requeue
     assert store.study_attempts(STUDY) == 1
     assert store.record_study_failure(STUDY, "scoring failed: KeyError", 12.0, None) == 2
     assert store.ready_studies(now=1e9, stable_seconds=0) == []  # parked: not tried again
-    assert store.parked() == [ParkedItem("study", STUDY, "scoring failed: KeyError", 2, 12.0)]
+    assert store.parked() == [
+        ParkedItem("study", STUDY, "scoring failed: KeyError", 2, 12.0, study_instance_uid=STUDY)
+    ]
     assert store.requeue_parked_studies(["9.9.9"]) == 0  # only the named ones
     assert store.requeue_parked_studies() == 1
     assert store.parked() == []
@@ -137,7 +143,7 @@ def test_a_rejected_delivery_is_counted_then_parked_and_requeued(store: SqliteSt
     assert [i.key for i in store.due_outbox(now=1e9, limit=5)] == ["sr:2"]
     assert store.outbox_counts() == {"owed": 1, "parked": 1, "delivered": 0}
     assert store.parked() == [
-        ParkedItem("outbox", "sr:1", "refused or unreadable: status 0xA700", 3, 12.0)
+        ParkedItem("outbox", "sr:1", "refused or unreadable: status 0xA700", 3, 12.0, "pacs")
     ]
     assert store.requeue_parked_deliveries(now=50.0) == 1
     again = {i.key: i for i in store.due_outbox(now=50.0, limit=5)}["sr:1"]
@@ -224,3 +230,172 @@ def test_a_state_file_from_a_newer_release_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(SchemaVersionError, match="newer"):
         SqliteStateStore(path)
+
+
+# Operator commands: what `dermfusion status` and `resend` ask of the store (issue 20, item 3).
+
+OTHER = "1.2.4"
+
+
+def _owe(store: SqliteStateStore, study: str, sr: str, now: float) -> None:
+    """What StudyProcessor records for one scored image with a PACS and a FHIR server."""
+    store.complete(
+        reported=[],
+        failed=[],
+        outbox=[
+            OutboxItem(f"sr:{sr}", "pacs", Path(f"/outbox/{sr}.dcm"), 0, study_instance_uid=study),
+            OutboxItem(f"sc:{sr}.1", "pacs", Path(f"/outbox/{sr}_saliency.dcm"), 0, 0, study),
+            OutboxItem(f"fhir:{sr}", "fhir", Path(f"/outbox/{sr}.json"), 0, 0, study),
+        ],
+        now=now,
+    )
+
+
+def test_each_delivery_records_its_study(store: SqliteStateStore) -> None:
+    _owe(store, STUDY, "9.1", now=10.0)
+    due = store.due_outbox(now=10.0, limit=5)
+    assert {(i.key, i.study_instance_uid) for i in due} == {
+        ("sr:9.1", STUDY),
+        ("sc:9.1.1", STUDY),
+        ("fhir:9.1", STUDY),
+    }
+
+
+def test_backlog_counts_what_is_still_tried_per_destination_and_its_oldest(
+    store: SqliteStateStore,
+) -> None:
+    assert store.outbox_backlog() == []
+    _owe(store, STUDY, "9.1", now=10.0)
+    _owe(store, OTHER, "9.2", now=20.0)
+    store.delivered("fhir:9.1", now=21.0)
+    store.reject_delivery("sr:9.1", "refused or unreadable: status 0xA700", 22.0, None)
+    assert store.outbox_backlog() == [
+        OutboxBacklog("fhir", 1, 20.0),  # fhir:9.2; fhir:9.1 was delivered
+        OutboxBacklog("pacs", 3, 10.0),  # sc:9.1.1, sr:9.2, sc:9.2.1; sr:9.1 is parked
+    ]
+
+
+def test_failed_instances_newest_first_with_the_reason_but_not_the_spool_path(
+    store: SqliteStateStore,
+) -> None:
+    for n, received in enumerate((5.0, 7.0, 6.0)):
+        store.record_instance(_row(f"1.{n}"), "a", received)
+    store.complete(
+        reported=["1.0"],
+        failed=[
+            ("1.1", "/spool/1.1.dcm: not a DICOM file (File is missing DICOM File Meta)"),
+            ("1.2", "/spool/1.2.dcm: Bits Allocated 16 is not supported (8-bit images only)"),
+        ],
+        outbox=[],
+        now=8.0,
+    )
+    assert store.failed_instances(limit=5) == [
+        FailedInstance("1.1", STUDY, "not a DICOM file (File is missing DICOM File Meta)", 7.0),
+        FailedInstance("1.2", STUDY, "Bits Allocated 16 is not supported (8-bit images only)", 6.0),
+    ]
+    assert [f.sop_instance_uid for f in store.failed_instances(limit=1)] == ["1.1"]
+
+
+def test_a_study_is_known_by_its_instances_its_attempts_or_its_deliveries(
+    store: SqliteStateStore,
+) -> None:
+    assert not store.knows_study(STUDY)
+    store.record_instance(_row("1.1"), "a", 1.0)
+    assert store.knows_study(STUDY)
+    store.postpone_study("7.7", until=5.0, first_try=1.0)
+    _owe(store, "8.8", "9.1", now=1.0)
+    assert store.knows_study("7.7") and store.knows_study("8.8")
+    assert not store.knows_study("1.2")  # no prefix matching
+
+
+def test_resending_a_study_owes_its_delivered_and_parked_reports_again_due_now(
+    store: SqliteStateStore,
+) -> None:
+    _owe(store, STUDY, "9.1", now=10.0)
+    _owe(store, OTHER, "9.2", now=10.0)
+    for key in ("sr:9.1", "fhir:9.1", "sr:9.2", "sc:9.2.1", "fhir:9.2"):
+        store.delivered(key, now=11.0)
+    store.reject_delivery("sc:9.1.1", "refused or unreadable: status 0xA900", 12.0, None)
+    assert store.outbox_counts() == {"owed": 0, "parked": 1, "delivered": 5}
+
+    assert store.requeue_study_deliveries(STUDY, now=100.0) == {"fhir": 1, "pacs": 2}
+    assert store.outbox_counts() == {"owed": 3, "parked": 0, "delivered": 3}  # other study kept
+    due = store.due_outbox(now=100.0, limit=10)
+    assert {i.key for i in due} == {"sr:9.1", "sc:9.1.1", "fhir:9.1"}
+    assert all(i.rejections == 0 and i.study_instance_uid == STUDY for i in due)
+    # Delivered ones are owed from now; the parked one was owed all along.
+    assert store.outbox_backlog() == [
+        OutboxBacklog("fhir", 1, 100.0),
+        OutboxBacklog("pacs", 2, 10.0),
+    ]
+    assert store.requeue_study_deliveries("5.5.5", now=100.0) == {}
+
+
+def test_deliveries_enqueued_before_schema_2_have_no_study(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA_0_5_0)
+    old.execute(
+        """INSERT INTO outbox (key, destination, path, next_attempt_at, enqueued_at)
+           VALUES ('sr:9', 'pacs', '/outbox/9.dcm', 20.0, 3.0)"""
+    )
+    old.commit()
+    old.close()
+    store = SqliteStateStore(path)
+    (item,) = store.due_outbox(now=20.0, limit=5)
+    assert item.study_instance_uid is None
+    assert store.requeue_study_deliveries(STUDY, now=30.0) == {}
+    store.close()
+
+
+def test_an_operator_command_never_creates_or_migrates_the_state_file(tmp_path: Path) -> None:
+    missing = tmp_path / "var" / "state.sqlite3"
+    with pytest.raises(StateDatabaseError, match="no state database"):
+        SqliteStateStore.open_existing(missing, read_only=True)
+    assert not missing.parent.exists()
+
+    old = tmp_path / "old.sqlite3"
+    with closing(sqlite3.connect(old)) as db:
+        db.executescript(_SCHEMA_0_5_0)
+    with pytest.raises(StateDatabaseError, match=r"schema 0, this release reads .* migrate"):
+        SqliteStateStore.open_existing(old)
+    with closing(sqlite3.connect(old)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 0  # left as it was
+
+
+def test_a_read_only_store_reads_beside_a_writing_service_and_cannot_write(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    service = SqliteStateStore(path)
+    _owe(service, STUDY, "9.1", now=10.0)
+    reader = SqliteStateStore.open_existing(path, read_only=True)
+    with service._transaction() as db:  # the service in the middle of a write
+        db.execute("UPDATE outbox SET delivered_at = 11.0 WHERE key = 'sr:9.1'")
+        assert reader.outbox_counts()["owed"] == 3  # reads the last committed state
+    assert reader.outbox_counts()["owed"] == 2
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.requeue_study_deliveries(STUDY, now=20.0)
+    reader.close()
+
+    writer = SqliteStateStore.open_existing(path)
+    assert writer.requeue_study_deliveries(STUDY, now=20.0) == {"fhir": 1, "pacs": 2}
+    writer.close()
+    assert service.outbox_counts()["owed"] == 3
+    service.close()
+
+
+def test_a_parked_delivery_names_its_destination_and_study(store: SqliteStateStore) -> None:
+    _owe(store, STUDY, "9.1", now=10.0)
+    store.reject_delivery("fhir:9.1", "refused or unreadable: FhirRejectedError: 422", 12.0, None)
+    assert store.parked() == [
+        ParkedItem(
+            "outbox",
+            "fhir:9.1",
+            "refused or unreadable: FhirRejectedError: 422",
+            1,
+            12.0,
+            "fhir",
+            STUDY,
+        )
+    ]
