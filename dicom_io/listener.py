@@ -15,12 +15,21 @@ Decisions (why):
   association's own thread after its last C-STORE, so it always follows the last ``accept``.
 - TCP_NODELAY is set on every accepted socket (pynetdicom leaves Nagle on), so a response
   written after a multi-PDU request is not held back by a delayed ACK.
+- Admission is ours, decided when the A-ASSOCIATE-RQ arrives (``EVT_REQUESTED``): the called
+  AE must be ours, the calling AE on the list (when there is one), and the association within
+  ``max_associations`` in total and ``max_associations_per_peer`` from its address. Only
+  admitted associations count, so sockets that never ask (a port scan, a stuck client) use
+  up no one's place; they are dropped after ``idle_timeout`` like idle associations.
+  pynetdicom's own limit counts every open socket, which let ten idle connections lock every
+  modality out: it is set far above ours and only guards against thread exhaustion. Each
+  refusal is one log line: calling AE, peer address, reason; never a patient identifier.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import uuid
 from collections.abc import Sequence
@@ -50,6 +59,7 @@ from dicom_io.status import (
 )
 
 __all__ = [
+    "AssociationLimits",
     "InstanceSink",
     "ReceivedInstance",
     "StorageListener",
@@ -64,6 +74,27 @@ TRANSFER_SYNTAXES: tuple[str, ...] = tuple(sorted(DECODABLE_SYNTAXES))
 VERIFICATION = UID("1.2.840.10008.1.1")
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
 _UID_TAGS = [Tag(keyword) for keyword in _UID_KEYWORDS]
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
+_RJ_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognized
+_RJ_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
+_RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
+# pynetdicom's own limit counts open sockets too, admitted or not: only a backstop here.
+_SOCKET_BACKSTOP_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class AssociationLimits:
+    """How many associations may be open at once, and how soon an idle one is dropped."""
+
+    total: int = 10
+    per_peer: int = 4
+    idle_timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.per_peer <= self.total:
+            raise ValueError("need 1 <= per_peer <= total")
+        if self.idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0 seconds")
 
 
 @dataclass(frozen=True)
@@ -105,20 +136,28 @@ class StorageListener:
         ae_title: str,
         port: int,
         sink: InstanceSink,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         allowed_calling_aes: Sequence[str] = (),
+        limits: AssociationLimits = AssociationLimits(),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._address = (host, port)
         self._sink = sink
+        self._ae_title = ae_title
+        self._allowed = frozenset(allowed_calling_aes)  # empty: any calling AE
+        self._limits = limits
+        self._ssl_context = ssl_context
         self._ae = AE(ae_title=ae_title)
-        # Empty list: any calling AE. Otherwise pynetdicom answers A-ASSOCIATE-RJ
-        # rejected-permanent, service-user, "calling AE title not recognized".
-        self._ae.require_calling_aet = list(allowed_calling_aes)
+        self._ae.maximum_associations = limits.total * _SOCKET_BACKSTOP_FACTOR
+        self._ae.acse_timeout = limits.idle_timeout  # waiting for the A-ASSOCIATE-RQ, A-RELEASE
+        self._ae.dimse_timeout = limits.idle_timeout  # waiting for the rest of a DIMSE message
+        self._ae.network_timeout = limits.idle_timeout  # no PDU at all on an open association
         self._ae.add_supported_context(VERIFICATION)
         for sop_class in SopClass:
             self._ae.add_supported_context(sop_class.value, list(TRANSFER_SYNTAXES))
         self._server: ThreadedAssociationServer | None = None
         self._ids: dict[Association, str] = {}
+        self._admitted: dict[Association, str] = {}  # association -> peer address
         self._lock = threading.Lock()
 
     @property
@@ -140,8 +179,16 @@ class StorageListener:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
-        self._server = self._ae.start_server(self._address, block=False, evt_handlers=handlers)
-        LOG.info("listening as %s on %s:%d", self._ae.ae_title, self._address[0], self.port)
+        self._server = self._ae.start_server(
+            self._address, block=False, evt_handlers=handlers, ssl_context=self._ssl_context
+        )
+        LOG.info(
+            "listening as %s on %s:%d (%s)",
+            self._ae.ae_title,
+            self._address[0],
+            self.port,
+            "DICOM TLS" if self._ssl_context is not None else "plain TCP",
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, then abort open associations and wait for their threads.
@@ -173,16 +220,64 @@ class StorageListener:
     # Association bookkeeping: an id per association, closed exactly once.
 
     def _on_requested(self, event: Event) -> None:
+        """Admit the association or send A-ASSOCIATE-RJ (pynetdicom then skips negotiation)."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title if request is not None else "").strip()
+        called = str(request.called_ae_title if request is not None else "").strip()
+        peer = str(assoc.requestor.address)
         with self._lock:
-            self._ids[event.assoc] = uuid.uuid4().hex
+            refusal = self._refusal(assoc, calling, called, peer)
+            if refusal is None:
+                self._admitted[assoc] = peer
+                self._ids[assoc] = uuid.uuid4().hex
+        if refusal is None:
+            return
+        reason, rj = refusal
+        LOG.warning(
+            "association refused: calling AE %r from %s:%s: %s",
+            calling,
+            peer,
+            assoc.requestor.port,
+            reason,
+        )
+        assoc.acse.send_reject(*rj)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def _refusal(
+        self, assoc: Association, calling: str, called: str, peer: str
+    ) -> tuple[str, tuple[int, int, int]] | None:
+        """Why ``assoc`` may not be admitted, with its RJ; None to admit. Holds the lock."""
+        if called != self._ae_title:
+            return f"called AE {called!r} is not ours", _RJ_CALLED_AE
+        if self._allowed and calling not in self._allowed:
+            return "calling AE not in listener.allowed_calling_aes", _RJ_CALLING_AE
+        for other in [a for a in self._admitted if not _is_open(a)]:
+            del self._admitted[other]
+        if len(self._admitted) >= self._limits.total:
+            return (
+                f"{self._limits.total} associations open (listener.max_associations)",
+                _RJ_LIMIT,
+            )
+        from_peer = sum(address == peer for address in self._admitted.values())
+        if from_peer >= self._limits.per_peer:
+            return (
+                f"{from_peer} associations open from this address "
+                "(listener.max_associations_per_peer)",
+                _RJ_LIMIT,
+            )
+        return None
 
     def _on_rejected(self, event: Event) -> None:
         with self._lock:
             self._ids.pop(event.assoc, None)
+            self._admitted.pop(event.assoc, None)
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
             association_id = self._ids.pop(event.assoc, None)
+            self._admitted.pop(event.assoc, None)
         if association_id is not None:
             self._sink.association_closed(association_id)
 
@@ -212,6 +307,12 @@ class StorageListener:
             )
             return int(status)
         return int(StoreStatus.SUCCESS)
+
+
+def _is_open(assoc: Association) -> bool:
+    """Still holding a place: a thread that ended without a release or abort event counts no
+    more (the admitted set is pruned with this on every request)."""
+    return assoc.is_alive() and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
 
 
 def _received_instance(event: Event, calling_ae: str, association_id: str) -> ReceivedInstance:

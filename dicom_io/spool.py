@@ -4,6 +4,9 @@ The listener answers 0x0000 only after the instance is on disk, so "written" mus
 power cut: write to a temporary sibling, fsync it, rename over the final name (atomic on
 POSIX), then fsync the directory so the rename itself is durable. Writing the same path again
 replaces it atomically, which makes a re-sent instance idempotent.
+
+What is written here holds patient data: files are created 0600 and the folders this module
+creates 0700, whatever the process umask (the mode is set explicitly, not left to the umask).
 """
 
 from __future__ import annotations
@@ -15,9 +18,42 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmwrite
 
-__all__ = ["write_bytes_durably", "write_durably"]
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
+    "private_directory",
+    "write_bytes_durably",
+    "write_durably",
+]
 
 TMP_SUFFIX = ".tmp"
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def private_directory(path: Path, *, tighten: bool = False) -> Path:
+    """Create ``path`` and any missing parents owner-only (0700); returns ``path``.
+
+    Folders that exist already keep their mode (a parent such as /var/lib is not ours),
+    except ``path`` itself with ``tighten`` (a folder we own from an older release).
+    """
+    path = Path(path)
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # another thread made it first; it set the mode as we would
+        os.chmod(folder, PRIVATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+    if tighten:
+        os.chmod(path, PRIVATE_DIR_MODE)
+    return path
 
 
 def write_bytes_durably(data: bytes, path: Path) -> None:
@@ -29,7 +65,9 @@ def write_bytes_durably(data: bytes, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+        with open(fd, "wb") as f:
+            os.fchmod(fd, PRIVATE_FILE_MODE)  # exactly 0600, whatever the umask
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

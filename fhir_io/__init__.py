@@ -16,6 +16,8 @@ from fhir_io.reports import (
     device_identifier,
     report_bundle,
     report_identifier,
+    subject_identifier,
+    with_subject,
 )
 
 __all__ = [
@@ -33,4 +35,6 @@ __all__ = [
     "device_identifier",
     "report_bundle",
     "report_identifier",
+    "subject_identifier",
+    "with_subject",
 ]

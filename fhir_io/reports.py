@@ -4,9 +4,10 @@ Built with ``fhir.resources.R4B`` models so that what we send is structurally va
 (entry order; every entry is ``POST`` + ``ifNoneExist`` on a stable identifier, and its
 ``fullUrl`` is ``urn:uuid:`` uuid5 of that identifier, so re-sending creates nothing new):
 
-``Patient`` (only when ``patient_id`` is given)
-    identifier ``{patient_identifier_system}|{patient_id}``; nothing else (the EHR owns the
-    record; we only make sure one exists to point at).
+No ``Patient``: the EHR owns patient identity and we never create one. ``subject`` (when
+``patient_id`` is given) is a logical reference ``{"identifier": {system, value}}``; just before
+sending, ``with_subject`` adds ``"reference": "Patient/<id>"`` for the Patient the EHR returns
+for that identifier, and a patient it does not know stays referenced by identifier only.
 ``Device`` — the algorithm
     identifier ``urn:dermfusion:device|{model.name}-{model.version}``, ``deviceName`` (model-name),
     ``version``, ``manufacturer`` "dermfusion", ``type`` DCM 123110 "Artificial Intelligence".
@@ -64,7 +65,6 @@ from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.meta import Meta
 from fhir.resources.R4B.observation import Observation, ObservationComponent
-from fhir.resources.R4B.patient import Patient
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.resource import Resource
@@ -165,9 +165,10 @@ def report_bundle(
     entries: list[BundleEntry] = []
     subject: Reference | None = None
     if patient_id is not None:
-        patient = _Entry(patient_identifier_system, patient_id)
-        subject = patient.reference()
-        entries.append(patient.entry(Patient(identifier=[patient.identifier()])))
+        subject = Reference(
+            identifier=Identifier(system=patient_identifier_system, value=patient_id),
+            type="Patient",
+        )
 
     device = _Entry(*device_identifier(model))
     entries.append(
@@ -275,6 +276,49 @@ def report_bundle(
     bundle = Bundle(type="transaction", entry=entries)
     result: dict[str, Any] = json.loads(bundle.model_dump_json())
     return result
+
+
+def subject_identifier(bundle: dict[str, Any]) -> tuple[str, str] | None:
+    """(system, value) of the patient the Bundle's report is about; None when it has none.
+
+    Also read from a Patient entry, which Bundles written before 0.6 carried as a conditional
+    create (``with_subject`` removes it).
+    """
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient":
+            for identifier in resource.get("identifier") or []:
+                if identifier.get("system") and identifier.get("value"):
+                    return str(identifier["system"]), str(identifier["value"])
+        identifier = (resource.get("subject") or {}).get("identifier") or {}
+        if identifier.get("system") and identifier.get("value"):
+            return str(identifier["system"]), str(identifier["value"])
+    return None
+
+
+def with_subject(bundle: dict[str, Any], patient_reference: str | None) -> dict[str, Any]:
+    """A copy of ``bundle`` that creates no Patient, whose subjects name the EHR's Patient
+    (``Patient/<id>``, found by identifier) or, with None, the identifier alone."""
+    identifier = subject_identifier(bundle)
+    if identifier is None:
+        return bundle
+    system, value = identifier
+    subject: dict[str, Any] = {"identifier": {"system": system, "value": value}, "type": "Patient"}
+    if patient_reference is not None:
+        if not re.fullmatch(r"Patient/[A-Za-z0-9\-.]{1,64}", patient_reference):
+            raise ValueError(f"not a Patient reference: {patient_reference!r}")
+        subject = {"reference": patient_reference, **subject}
+    out = json.loads(json.dumps(bundle))
+    entries = []
+    for entry in out.get("entry") or []:
+        resource = entry.get("resource") or {}
+        if resource.get("resourceType") == "Patient":
+            continue  # a pre-0.6 conditional create: never create a Patient
+        if "subject" in resource:
+            resource["subject"] = dict(subject)
+        entries.append(entry)
+    out["entry"] = entries
+    return out
 
 
 def conclusion_text(finding: Finding) -> str:

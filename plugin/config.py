@@ -6,6 +6,7 @@ types and checks them, so bad values are refused with the key that holds them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass
@@ -28,6 +29,13 @@ class ListenerSettings:
     port: int
     allowed_calling_aes: tuple[str, ...]
     bind_address: str
+    allow_any_calling_ae: bool = False
+    max_associations: int = 10
+    max_associations_per_peer: int = 4
+    idle_timeout_seconds: float = 15.0
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +121,19 @@ class Settings:
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "listener": {"ae_title": str, "port": int, "allowed_calling_aes": list, "bind_address": str},
+    "listener": {
+        "ae_title": str,
+        "port": int,
+        "allowed_calling_aes": list,
+        "bind_address": str,
+        "allow_any_calling_ae": bool,
+        "max_associations": int,
+        "max_associations_per_peer": int,
+        "idle_timeout_seconds": (int, float),
+        "tls_certificate": str,
+        "tls_private_key": str,
+        "tls_ca_certificates": str,
+    },
     "study": {"stable_seconds": (int, float), "max_attempts": int},
     "pacs": {"ae_title": str, "host": str, "port": int},
     "fhir": {"base_url": str, "patient_identifier_system": str},
@@ -128,6 +148,10 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "model": {"bundle_dir": str},
 }
 _OPTIONAL_SECTIONS = {"pacs", "fhir"}
+# Keys that have no default: absent means "not used" (TLS off, no client certificates).
+_OPTIONAL_KEYS = {
+    "listener": {"tls_certificate", "tls_private_key", "tls_ca_certificates"},
+}
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -152,9 +176,7 @@ def _check(raw: dict[str, Any]) -> None:
                 value, schema[key]
             ):
                 raise ConfigError(f"{section}.{key} has the wrong type: {value!r}")
-        missing = set(schema) - set(values)
-        if section == "fhir":
-            missing -= {"patient_identifier_system"}
+        missing = set(schema) - set(values) - _OPTIONAL_KEYS.get(section, set())
         if missing:
             raise ConfigError(f"[{section}] lacks {', '.join(sorted(missing))}")
 
@@ -179,10 +201,75 @@ def _non_negative(key: str, value: float) -> float:
     return float(value)
 
 
+def _non_blank(key: str, value: str) -> str:
+    if not value.strip():
+        raise ConfigError(f"{key} must not be empty")
+    return value
+
+
 def _positive_count(key: str, value: int) -> int:
     if value < 1:
         raise ConfigError(f"{key} must be >= 1, got {value}")
     return value
+
+
+def _positive(key: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+    return float(value)
+
+
+def is_loopback(host: str) -> bool:
+    """Only a literal loopback address or ``localhost`` counts: any other name may resolve to
+    an interface other hosts can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listener(raw: dict[str, Any], base: Path) -> ListenerSettings:
+    """The listener section, refusing a bind other hosts can reach that would let any of them
+    in (no calling AE list) unless the site said so explicitly."""
+    allowed = tuple(_ae("listener.allowed_calling_aes", str(a)) for a in raw["allowed_calling_aes"])
+    bind = raw["bind_address"]
+    if not is_loopback(bind) and not allowed and not raw["allow_any_calling_ae"]:
+        raise ConfigError(
+            f"listener.bind_address {bind!r} is reachable from other hosts and "
+            "listener.allowed_calling_aes is empty: list the calling AE titles allowed to "
+            "send, or set listener.allow_any_calling_ae = true"
+        )
+    total = _positive_count("listener.max_associations", raw["max_associations"])
+    per_peer = _positive_count(
+        "listener.max_associations_per_peer", raw["max_associations_per_peer"]
+    )
+    if per_peer > total:
+        raise ConfigError("listener.max_associations_per_peer must be <= listener.max_associations")
+    tls = {
+        key: _path(base, raw[key]) if raw.get(key) else None
+        for key in ("tls_certificate", "tls_private_key", "tls_ca_certificates")
+    }
+    if (tls["tls_certificate"] is None) != (tls["tls_private_key"] is None):
+        raise ConfigError("listener.tls_certificate and listener.tls_private_key go together")
+    if tls["tls_ca_certificates"] is not None and tls["tls_certificate"] is None:
+        raise ConfigError(
+            "listener.tls_ca_certificates needs listener.tls_certificate and tls_private_key"
+        )
+    return ListenerSettings(
+        ae_title=_ae("listener.ae_title", raw["ae_title"]),
+        port=_port("listener.port", raw["port"]),
+        allowed_calling_aes=allowed,
+        bind_address=bind,
+        allow_any_calling_ae=raw["allow_any_calling_ae"],
+        max_associations=total,
+        max_associations_per_peer=per_peer,
+        idle_timeout_seconds=_positive(
+            "listener.idle_timeout_seconds", raw["idle_timeout_seconds"]
+        ),
+        **tls,
+    )
 
 
 def _path(base: Path, value: str) -> Path:
@@ -207,7 +294,6 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
         except OSError as error:
             raise ConfigError(f"{path}: {error.strerror}") from None
     _check(raw)
-    listener = raw["listener"]
     pacs = raw.get("pacs")
     fhir = raw.get("fhir")
     stable = _non_negative("study.stable_seconds", raw["study"]["stable_seconds"])
@@ -222,14 +308,7 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
     if longest < initial:
         raise ConfigError("outbox.retry_max_seconds must be >= outbox.retry_initial_seconds")
     return Settings(
-        listener=ListenerSettings(
-            ae_title=_ae("listener.ae_title", listener["ae_title"]),
-            port=_port("listener.port", listener["port"]),
-            allowed_calling_aes=tuple(
-                _ae("listener.allowed_calling_aes", str(a)) for a in listener["allowed_calling_aes"]
-            ),
-            bind_address=listener["bind_address"],
-        ),
+        listener=_listener(raw["listener"], base),
         study=StudySettings(
             stable_seconds=stable,
             max_attempts=_positive_count("study.max_attempts", raw["study"]["max_attempts"]),
@@ -245,8 +324,8 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
         if fhir is None
         else FhirSettings(
             base_url=fhir["base_url"].rstrip("/"),
-            patient_identifier_system=fhir.get(
-                "patient_identifier_system", DEFAULT_PATIENT_IDENTIFIER_SYSTEM
+            patient_identifier_system=_non_blank(
+                "fhir.patient_identifier_system", fhir["patient_identifier_system"]
             ),
         ),
         demographics=DemographicsSettings(

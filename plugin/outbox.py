@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dicom_io.sender import CStoreSender, PacsUnavailableError
-from fhir_io import FhirClient, FhirUnavailableError
+from fhir_io import FhirClient, FhirUnavailableError, subject_identifier, with_subject
 from plugin.failures import describe, is_environmental
 from plugin.state import OutboxItem, StateStore
 
@@ -42,10 +42,21 @@ class PacsDestination:
 
 @dataclass
 class FhirDestination:
+    """Posts the Bundle with its subject resolved now, against the EHR as it is at delivery:
+    the Patient found for the identifier, or the identifier alone. Never creates a Patient.
+    Several Patients for one identifier is a refusal (parked after max_attempts): picking one
+    could file the result under the wrong person."""
+
     client: FhirClient
 
     def deliver(self, item: OutboxItem) -> None:
-        self.client.post_transaction(json.loads(item.path.read_text()))
+        bundle = json.loads(item.path.read_text())
+        identifier = subject_identifier(bundle)
+        if identifier is not None:
+            patient = self.client.find_patient(*identifier)
+            reference = f"Patient/{patient['id']}" if patient and patient.get("id") else None
+            bundle = with_subject(bundle, reference)
+        self.client.post_transaction(bundle)
 
 
 @dataclass

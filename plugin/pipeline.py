@@ -14,15 +14,16 @@ from typing import Any
 import numpy as np
 import pydicom
 from highdicom.sr import Comprehensive3DSR
+from PIL import Image
 from pydicom import Dataset
 
 from dicom_io.capture import SaliencyCaptureWriter
 from dicom_io.images import DermoscopyImage
-from dicom_io.spool import write_bytes_durably
+from dicom_io.spool import private_directory, write_bytes_durably
 from dicom_io.sr import MeasurementReportWriter
 from fhir_io import report_bundle
 from monai_bundle.scripts.lesion import measure_lesion
-from monai_bundle.scripts.saliency import overlay_png, overlay_rgb
+from monai_bundle.scripts.saliency import overlay_rgb
 from plugin.config import Settings
 from plugin.domain import Demographics, Finding, LesionSize
 from plugin.model import FusionModel
@@ -43,7 +44,7 @@ class ImageReport:
     def write_files(self, folder: Path) -> ReportFiles:
         """SR, Bundle and saliency overlay as ``<SR UID>.dcm/.json/_saliency.png``, fsync'd;
         the Secondary Capture, if any, as ``<SR UID>_saliency.dcm``."""
-        folder.mkdir(parents=True, exist_ok=True)
+        private_directory(folder)
         uid = self.sr.SOPInstanceUID
         files = ReportFiles(
             sr=folder / f"{uid}.dcm",
@@ -53,7 +54,9 @@ class ImageReport:
         )
         _write_dicom(self.sr, files.sr)
         write_bytes_durably((json.dumps(self.bundle, indent=2) + "\n").encode(), files.bundle)
-        overlay_png(self.image.rgb, self.saliency, files.saliency)
+        png = io.BytesIO()  # through write_bytes_durably, so the overlay is 0600 too
+        Image.fromarray(overlay_rgb(self.image.rgb, self.saliency)).save(png, format="PNG")
+        write_bytes_durably(png.getvalue(), files.saliency)
         if self.capture is not None and files.capture is not None:
             _write_dicom(self.capture, files.capture)
         return files

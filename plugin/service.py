@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -22,11 +23,12 @@ from typing import Any, Protocol
 
 from dicom_io.demographics import demographics_from_dataset
 from dicom_io.images import DermoscopyImage, UnsupportedInstanceError, read_image
-from dicom_io.listener import ReceivedInstance, StorageListener
+from dicom_io.listener import AssociationLimits, ReceivedInstance, StorageListener
 from dicom_io.sender import CStoreSender
-from dicom_io.spool import write_bytes_durably
+from dicom_io.spool import private_directory, write_bytes_durably
+from dicom_io.tls import server_tls_context
 from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError, demographics_from_patient
-from plugin.config import Settings
+from plugin.config import ConfigError, ListenerSettings, Settings
 from plugin.demographics import ConflictPolicy, merge, needs_lookup
 from plugin.domain import Demographics, is_uid
 from plugin.failures import describe, is_environmental
@@ -43,6 +45,18 @@ WORKER_POLL_SECONDS = 0.2  # how often the threads look for ready studies and du
 # how soon work resumes once the cause is gone, against how often the log repeats it.
 WORKER_PAUSE_MAX_SECONDS = 30.0
 SUPERVISOR_CHECK_SECONDS = 1.0  # how soon a dead worker thread is noticed and restarted
+
+
+def listener_tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
+    """The listener's TLS context from the configured PEM files; None for plain TCP."""
+    if listener.tls_certificate is None or listener.tls_private_key is None:
+        return None
+    try:
+        return server_tls_context(
+            listener.tls_certificate, listener.tls_private_key, listener.tls_ca_certificates
+        )
+    except (OSError, ssl.SSLError) as error:  # ssl.SSLError is an OSError; named for clarity
+        raise ConfigError(f"listener TLS files cannot be used: {error}") from None
 
 
 def _safe_uid(value: str, name: str) -> str:
@@ -64,7 +78,7 @@ class SpoolSink:
         study = _safe_uid(instance.study_instance_uid, "StudyInstanceUID")
         sop = _safe_uid(instance.sop_instance_uid, "SOPInstanceUID")
         path = self.spool_dir / study / f"{sop}.dcm"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(path.parent)
         write_bytes_durably(instance.encoded, path)
         self.store.record_instance(
             InstanceRow(sop, study, instance.sop_class_uid, path),
@@ -279,6 +293,9 @@ class DermfusionService:
 
     def __post_init__(self) -> None:
         storage = self.settings.storage
+        # Owner-only, also when an older release left them 0755 (they hold patient data).
+        for folder in (storage.dir, storage.dir / "spool", storage.outbox):
+            private_directory(folder, tighten=True)
         self.store = SqliteStateStore(storage.state_database)
         self.fhir = FhirClient(self.settings.fhir.base_url) if self.settings.fhir else None
         destinations: dict[str, Destination] = {}
@@ -318,6 +335,12 @@ class DermfusionService:
             port=listener.port,
             host=listener.bind_address,
             allowed_calling_aes=listener.allowed_calling_aes,
+            limits=AssociationLimits(
+                total=listener.max_associations,
+                per_peer=listener.max_associations_per_peer,
+                idle_timeout=listener.idle_timeout_seconds,
+            ),
+            ssl_context=listener_tls_context(listener),
             sink=SpoolSink(storage.dir / "spool", self.store),
         )
         self.scorer = StudyScorer(

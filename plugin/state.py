@@ -16,6 +16,7 @@ read-only where they only look, and only for as long as one command takes.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Self
+
+from dicom_io.spool import PRIVATE_FILE_MODE, private_directory
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,16 @@ class SchemaVersionError(RuntimeError):
     """The state file was written by a newer release: opening it could lose what it records."""
 
 
+def _owner_only(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (SQLite would take the umask's
+    mode, and gives its -wal and -shm files the database's), or tighten an older one."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)
+    finally:
+        os.close(fd)
+
+
 class StateDatabaseError(RuntimeError):
     """The state file an operator command needs is absent, or not at this release's schema
     (only the service creates and migrates it, so a command never changes what it records)."""
@@ -188,10 +201,15 @@ class SqliteStateStore:
     """The embedded state store. Thread-safe: one connection guarded by a lock."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(path.parent)
+        _owner_only(path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; make sure
+            sidecar = path.with_name(path.name + suffix)
+            if sidecar.exists():
+                os.chmod(sidecar, PRIVATE_FILE_MODE)
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._migrate()

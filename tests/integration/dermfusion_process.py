@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,11 +88,15 @@ def write_config(
     stable_seconds: float = 1.0,
     secondary_capture: bool = False,
     outbox_max_attempts: int = 10,
+    bind_address: str = "127.0.0.1",
+    listener: Sequence[str] = (),
 ) -> Path:
+    """A site file for one test run; ``listener`` lines are added to ``[listener]`` as is."""
     lines = [
         "[listener]",
         f"port = {port}",
-        'bind_address = "127.0.0.1"',
+        f'bind_address = "{bind_address}"',
+        *listener,
         "[study]",
         f"stable_seconds = {stable_seconds}",
         "[outbox]",
@@ -109,7 +113,11 @@ def write_config(
     if pacs_port is not None:
         lines += ["[pacs]", 'ae_title = "ORTHANC"', 'host = "127.0.0.1"', f"port = {pacs_port}"]
     if fhir_url is not None:
-        lines += ["[fhir]", f'base_url = "{fhir_url}"']
+        lines += [
+            "[fhir]",
+            f'base_url = "{fhir_url}"',
+            'patient_identifier_system = "urn:dermfusion:patient-id"',
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 

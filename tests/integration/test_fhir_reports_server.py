@@ -4,6 +4,7 @@ rejection with rollback, and an unreachable server."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from fhir_io import (
     report_bundle,
 )
 from plugin.domain import Demographics, Finding, ImageRef, ModelIdentity, SiteCode, Source, Sourced
+from plugin.outbox import FhirDestination
+from plugin.state import OutboxItem
 from tests.integration.fhir_server import running_fhir_server
 
 pytestmark = pytest.mark.integration
@@ -75,10 +78,10 @@ def test_resend_creates_nothing_and_the_report_reads_back(fhir_server: str) -> N
     with FhirClient(fhir_server) as client:
         first = _ids(client.post_transaction(bundle))
         second = _ids(client.post_transaction(bundle))
-        assert [s for s, _ in first] == ["201 Created"] * 5
+        assert [s for s, _ in first] == ["201 Created"] * 4
         assert second == [("200 OK", type_id) for _, type_id in first]
-        patient_ref, device_ref, probability_ref, decision_ref, report_ref = [t for _, t in first]
-        for resource_type, count in [("Patient", 1), ("Device", 1), ("Observation", 2)]:
+        device_ref, probability_ref, decision_ref, report_ref = [t for _, t in first]
+        for resource_type, count in [("Patient", 0), ("Device", 1), ("Observation", 2)]:
             assert len(client.search(resource_type, {})) == count, resource_type
         assert len(client.search("DiagnosticReport", {})) == 1
 
@@ -90,10 +93,10 @@ def test_resend_creates_nothing_and_the_report_reads_back(fhir_server: str) -> N
             },
         )
         by_ref = {f"{r['resourceType']}/{r['id']}": r for r in found}
-        assert sorted(by_ref) == sorted([report_ref, patient_ref, probability_ref, decision_ref])
+        assert sorted(by_ref) == sorted([report_ref, probability_ref, decision_ref])
         report = by_ref[report_ref]
-        assert report["subject"] == {"reference": patient_ref}
-        assert by_ref[patient_ref]["identifier"] == [{"system": PATIENT_SYSTEM, "value": "MRN-1"}]
+        subject = {"identifier": {"system": PATIENT_SYSTEM, "value": "MRN-1"}, "type": "Patient"}
+        assert report["subject"] == subject  # a patient the EHR does not know: identifier only
         assert report["result"] == [{"reference": probability_ref}, {"reference": decision_ref}]
         assert report["status"] == "final"
         assert report["issued"] == "2024-05-06T07:08:09Z"
@@ -116,7 +119,7 @@ def test_resend_creates_nothing_and_the_report_reads_back(fhir_server: str) -> N
         assert decision["valueCodeableConcept"]["coding"][0]["code"] == "415684004"  # Suspected
         assert decision["derivedFrom"] == [{"reference": probability_ref}]
         for observation in (probability, decision):
-            assert observation["subject"] == {"reference": patient_ref}
+            assert observation["subject"] == subject
             assert observation["device"] == {"reference": device_ref}
             assert observation["meta"]["security"][0]["code"] == "AIAST"
         device = client.read(device_ref)
@@ -151,7 +154,7 @@ def test_report_without_patient_id(fhir_server: str) -> None:
         assert report["conclusion"].startswith("Not suspicious for melanoma by AI")
 
 
-def test_ehr_patient_is_found_and_reused(fhir_server: str) -> None:
+def test_ehr_patient_is_found_and_reused(fhir_server: str, tmp_path: Path) -> None:
     patient = {
         "resourceType": "Patient",
         "id": "ehr-7",
@@ -183,8 +186,15 @@ def test_ehr_patient_is_found_and_reused(fhir_server: str) -> None:
             patient_identifier_system=PATIENT_SYSTEM,
             issued=ISSUED,
         )
-        status, patient_ref = _ids(client.post_transaction(bundle))[0]
-        assert (status, patient_ref) == ("200 OK", "Patient/ehr-7")
+        path = tmp_path / "bundle.json"
+        path.write_text(json.dumps(bundle))
+        # As the service delivers it: the subject resolved against the EHR just before sending.
+        FhirDestination(client).deliver(OutboxItem("fhir:ehr-7", "fhir", path, 0))
+        (report,) = client.search(
+            "DiagnosticReport", {"identifier": f"urn:oid:{_image(3).study_instance_uid}"}
+        )
+        assert report["subject"]["reference"] == "Patient/ehr-7"
+        assert [p["id"] for p in client.search("Patient", {})] == ["ehr-7"]  # none created
         assert client.read("Patient/ehr-7")["birthDate"] == "1970-08-20"  # not overwritten
 
 

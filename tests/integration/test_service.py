@@ -187,18 +187,22 @@ def test_study_routed_by_orthanc_gets_its_sr_and_diagnostic_report(
         60,
         "two DiagnosticReports in the FHIR server",
     )
-    patients = [r for r in found if r["resourceType"] == "Patient"]
-    assert [p["identifier"][0] for p in patients] == [
-        {"system": PATIENT_SYSTEM, "value": "DF-IT-0001"}
-    ]
+    # The EHR does not know DF-IT-0001: the report names the patient by identifier only, and
+    # no Patient is created (the EHR owns patient identity).
+    assert [r for r in found if r["resourceType"] == "Patient"] == []
     for report in (r for r in found if r["resourceType"] == "DiagnosticReport"):
-        assert report["subject"]["reference"] == f"Patient/{patients[0]['id']}"
+        assert report["subject"] == {
+            "identifier": {"system": PATIENT_SYSTEM, "value": "DF-IT-0001"},
+            "type": "Patient",
+        }
+    with FhirClient(fhir_base_url) as client:
+        assert client.find_patient(PATIENT_SYSTEM, "DF-IT-0001") is None
 
 
 def test_missing_age_and_sex_are_taken_from_the_fhir_patient(
     orthanc: OrthancServer, service: DermfusionProcess, fhir_base_url: str, tmp_path: Path
 ) -> None:
-    httpx.post(
+    created = httpx.post(
         f"{fhir_base_url}/Patient",
         json={
             "resourceType": "Patient",
@@ -207,7 +211,9 @@ def test_missing_age_and_sex_are_taken_from_the_fhir_patient(
             "identifier": [{"system": PATIENT_SYSTEM, "value": "DF-IT-0002"}],
         },
         headers={"Content-Type": "application/fhir+json"},
-    ).raise_for_status()
+    )
+    created.raise_for_status()
+    ehr_patient = f"Patient/{created.json()['id']}"
     study_uid, files = _study(tmp_path, "DF-IT-0002", age=None, sex=None)
     _storescu(service.ae_title, service.port, files)
     (sr,) = _eventually(lambda: _srs_in_orthanc(orthanc, study_uid), 60, "the SR in Orthanc")
@@ -217,6 +223,13 @@ def test_missing_age_and_sex_are_taken_from_the_fhir_patient(
         "sex": "fhir:Patient.gender",
         "site": "dicom:AnatomicRegionSequence",
     }
+    # The report's subject is the Patient the EHR returned for the identifier.
+    found = _eventually(
+        lambda: _reports_for_study(fhir_base_url, study_uid), 60, "the DiagnosticReport"
+    )
+    (report,) = [r for r in found if r["resourceType"] == "DiagnosticReport"]
+    assert report["subject"]["reference"] == ehr_patient
+    assert [f"Patient/{r['id']}" for r in found if r["resourceType"] == "Patient"] == [ehr_patient]
 
 
 def test_sr_waits_for_a_stopped_pacs_and_is_delivered_when_it_is_back(

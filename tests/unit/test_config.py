@@ -16,6 +16,14 @@ def test_embedded_defaults_have_no_pacs_and_no_fhir(tmp_path: Path) -> None:
     assert settings.listener.ae_title == "DERMFUSION"
     assert settings.listener.port == 11112
     assert settings.listener.allowed_calling_aes == ()
+    assert settings.listener.bind_address == "127.0.0.1"  # loopback unless configured
+    assert settings.listener.allow_any_calling_ae is False
+    assert (settings.listener.max_associations, settings.listener.max_associations_per_peer) == (
+        10,
+        4,
+    )
+    assert settings.listener.idle_timeout_seconds == 15
+    assert settings.listener.tls_certificate is None
     assert settings.study.stable_seconds == 2
     assert settings.pacs is None and settings.fhir is None
     assert settings.storage.outbox == tmp_path / "var" / "outbox"
@@ -70,6 +78,23 @@ dir = "/srv/dermfusion"
         ("[study]\nmax_attempts = 0\n", "study.max_attempts must be >= 1"),
         ("[outbox]\nmax_attempts = 2.5\n", "outbox.max_attempts has the wrong type"),
         ("[listener\n", "site.toml"),
+        ('[fhir]\nbase_url = "http://x/fhir"\n', "[fhir] lacks patient_identifier_system"),
+        (
+            '[fhir]\nbase_url = "http://x/fhir"\npatient_identifier_system = " "\n',
+            "fhir.patient_identifier_system must not be empty",
+        ),
+        ("[listener]\nmax_associations = 0\n", "listener.max_associations must be >= 1"),
+        (
+            "[listener]\nmax_associations = 2\nmax_associations_per_peer = 3\n",
+            "listener.max_associations_per_peer must be <= listener.max_associations",
+        ),
+        ("[listener]\nidle_timeout_seconds = 0\n", "listener.idle_timeout_seconds must be > 0"),
+        ("[listener]\nallow_any_calling_ae = 1\n", "listener.allow_any_calling_ae has the wrong"),
+        ('[listener]\ntls_certificate = "c.pem"\n', "listener.tls_certificate and listener.tls_pr"),
+        (
+            '[listener]\ntls_ca_certificates = "ca.pem"\n',
+            "listener.tls_ca_certificates needs listener.tls_certificate",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -90,3 +115,55 @@ def test_cli_takes_config_after_the_subcommand_and_names_an_unreadable_file(
     bad = _write(tmp_path, "[listener]\nport = 0\n")
     assert main(["--config", str(bad), "serve"]) == 2
     assert "listener.port must be a TCP port" in capsys.readouterr().err
+
+
+UNSAFE_BIND = (
+    "listener.bind_address '0.0.0.0' is reachable from other hosts and "
+    "listener.allowed_calling_aes is empty: list the calling AE titles allowed to send, "
+    "or set listener.allow_any_calling_ae = true"
+)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "", "192.0.2.7", "pacs-gw.example.org"])
+def test_a_bind_other_hosts_reach_needs_a_calling_ae_list(tmp_path: Path, address: str) -> None:
+    path = _write(tmp_path, f'[listener]\nbind_address = "{address}"\n')
+    with pytest.raises(ConfigError, match="is reachable from other hosts"):
+        load_settings(path, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra", ['allowed_calling_aes = ["ORTHANC"]', "allow_any_calling_ae = true"]
+)
+def test_a_bind_other_hosts_reach_is_allowed_with_a_list_or_explicitly(
+    tmp_path: Path, extra: str
+) -> None:
+    path = _write(tmp_path, f'[listener]\nbind_address = "0.0.0.0"\n{extra}\n')
+    assert load_settings(path, base_dir=tmp_path).listener.bind_address == "0.0.0.0"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_binds_take_any_calling_ae(tmp_path: Path, address: str) -> None:
+    path = _write(tmp_path, f'[listener]\nbind_address = "{address}"\n')
+    assert load_settings(path, base_dir=tmp_path).listener.allowed_calling_aes == ()
+
+
+def test_serve_refuses_an_unsafe_bind_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from plugin.cli import main
+
+    path = _write(tmp_path, '[listener]\nbind_address = "0.0.0.0"\n')
+    assert main(["serve", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"dermfusion: configuration: {UNSAFE_BIND}\n"
+
+
+def test_tls_paths_resolve_against_the_base(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        '[listener]\ntls_certificate = "tls/c.pem"\ntls_private_key = "/k.pem"\n'
+        'tls_ca_certificates = "ca.pem"\n',
+    )
+    listener = load_settings(path, base_dir=tmp_path).listener
+    assert listener.tls_certificate == tmp_path / "tls" / "c.pem"
+    assert listener.tls_private_key == Path("/k.pem")
+    assert listener.tls_ca_certificates == tmp_path / "ca.pem"

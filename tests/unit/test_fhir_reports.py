@@ -12,7 +12,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 
-from fhir_io import report_bundle
+from fhir_io import report_bundle, subject_identifier, with_subject
 from plugin.domain import (
     Demographics,
     Finding,
@@ -105,7 +105,7 @@ def _by_type(bundle: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-PATIENT_URN = _urn(PATIENT_SYSTEM, "MRN-4711")
+SUBJECT = {"identifier": {"system": PATIENT_SYSTEM, "value": "MRN-4711"}, "type": "Patient"}
 DEVICE_URN = _urn("urn:dermfusion:device", "fusionnet-1.2.0")
 PROBABILITY_URN = _urn("urn:dermfusion:observation", f"{REPORT_KEY}:probability")
 DECISION_URN = _urn("urn:dermfusion:observation", f"{REPORT_KEY}:decision")
@@ -121,14 +121,6 @@ def test_bundle_is_a_valid_r4_transaction_of_conditional_creates() -> None:
     assert bundle["resourceType"] == "Bundle"
     assert bundle["type"] == "transaction"
     assert [(e["fullUrl"], e["request"]) for e in bundle["entry"]] == [
-        (
-            PATIENT_URN,
-            {
-                "method": "POST",
-                "url": "Patient",
-                "ifNoneExist": "identifier=urn%3Aoid%3A1.2.3.4.5.1%7CMRN-4711",
-            },
-        ),
         (
             DEVICE_URN,
             {
@@ -172,12 +164,9 @@ def test_bundle_is_a_valid_r4_transaction_of_conditional_creates() -> None:
         assert (key, token) == ("identifier", f"{first['system']}|{first['value']}")
 
 
-def test_patient_and_device() -> None:
+def test_no_patient_is_created_and_the_device_is() -> None:
     by_type = _by_type(_build())
-    assert by_type["Patient"][0]["resource"] == {
-        "resourceType": "Patient",
-        "identifier": [{"system": PATIENT_SYSTEM, "value": "MRN-4711"}],
-    }
+    assert "Patient" not in by_type  # the EHR owns patient identity
     assert by_type["Device"][0]["resource"] == {
         "resourceType": "Device",
         "identifier": [{"system": "urn:dermfusion:device", "value": "fusionnet-1.2.0"}],
@@ -207,7 +196,7 @@ def _common(identifier: str) -> dict[str, Any]:
                 ]
             }
         ],
-        "subject": {"reference": PATIENT_URN},
+        "subject": SUBJECT,
         "issued": "2024-05-06T07:08:07Z",
         "bodySite": {
             "coding": [{"system": SCT, "code": "77568009", "display": "Back"}],
@@ -352,7 +341,7 @@ def test_diagnostic_report() -> None:
             }
         ],
         "code": {"text": "Dermoscopy melanoma risk (AI)"},
-        "subject": {"reference": PATIENT_URN},
+        "subject": SUBJECT,
         "issued": "2024-05-06T07:08:07Z",
         "result": [{"reference": PROBABILITY_URN}, {"reference": DECISION_URN}],
         "conclusion": "Suspicious for melanoma by AI (fusionnet 1.2.0): probability 0.830 >= "
@@ -413,7 +402,6 @@ def test_identities_are_stable_per_image_and_model_version() -> None:
     new_model = _build(finding=Finding(0.83, 0.5, ModelIdentity("fusionnet", "1.3.0")))
     old_urls = {e["fullUrl"] for e in _build()["entry"]}
     assert [e["fullUrl"] in old_urls for e in new_model["entry"]] == [
-        True,  # same Patient
         False,  # new Device, Observations, report
         False,
         False,
@@ -422,11 +410,62 @@ def test_identities_are_stable_per_image_and_model_version() -> None:
 
 
 def test_identifier_values_with_search_separators_are_escaped_in_if_none_exist() -> None:
-    patient = _build(patient_id="A|1,2")["entry"][0]
-    assert patient["resource"]["identifier"] == [{"system": PATIENT_SYSTEM, "value": "A|1,2"}]
-    assert parse_qsl(patient["request"]["ifNoneExist"]) == [
-        ("identifier", f"{PATIENT_SYSTEM}|A\\|1\\,2")
+    device = _build(finding=Finding(0.5, 0.5, ModelIdentity("net|a,b", "1")))["entry"][0]
+    assert device["resource"]["identifier"] == [
+        {"system": "urn:dermfusion:device", "value": "net|a,b-1"}
     ]
+    assert parse_qsl(device["request"]["ifNoneExist"]) == [
+        ("identifier", "urn:dermfusion:device|net\\|a\\,b-1")
+    ]
+    # The patient identifier is never a search of ours in the Bundle: it is only the subject.
+    report = _by_type(_build(patient_id="A|1,2"))["DiagnosticReport"][0]["resource"]
+    assert report["subject"]["identifier"] == {"system": PATIENT_SYSTEM, "value": "A|1,2"}
+
+
+def test_with_subject_names_the_ehr_patient_or_keeps_the_identifier() -> None:
+    bundle = _build()
+    assert subject_identifier(bundle) == (PATIENT_SYSTEM, "MRN-4711")
+    found = with_subject(bundle, "Patient/ehr-7")
+    Bundle.model_validate(found)
+    subjects = [e["resource"]["subject"] for e in found["entry"] if "subject" in e["resource"]]
+    assert len(subjects) == 3  # both Observations and the report
+    assert all(s == {"reference": "Patient/ehr-7", **SUBJECT} for s in subjects)
+    assert with_subject(bundle, None) == bundle
+    assert bundle == _build()  # not changed in place
+    assert subject_identifier(_build(patient_id=None)) is None
+    with pytest.raises(ValueError, match="not a Patient reference"):
+        with_subject(bundle, "Observation/1")
+
+
+def test_with_subject_drops_the_patient_create_of_an_old_bundle() -> None:
+    """A Bundle written before 0.6 (still in an outbox) carried a conditional create of the
+    Patient, referenced by its urn:uuid: it must not create one either."""
+    old = _build()
+    urn = _urn(PATIENT_SYSTEM, "MRN-4711")
+    patient = {"resourceType": "Patient", "identifier": [SUBJECT["identifier"]]}
+    old["entry"].insert(
+        0,
+        {
+            "fullUrl": urn,
+            "resource": patient,
+            "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=x"},
+        },
+    )
+    for entry in old["entry"][1:]:
+        if "subject" in entry["resource"]:
+            entry["resource"]["subject"] = {"reference": urn}
+    assert subject_identifier(old) == (PATIENT_SYSTEM, "MRN-4711")
+    for reference, subject in [
+        (None, SUBJECT),
+        ("Patient/p1", {"reference": "Patient/p1", **SUBJECT}),
+    ]:
+        fixed = with_subject(old, reference)
+        assert "Patient" not in _by_type(fixed)
+        assert all(
+            e["resource"]["subject"] == subject
+            for e in fixed["entry"]
+            if "subject" in e["resource"]
+        )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ pynetdicom's own AE as SCU where the test needs the exact DIMSE status or reject
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -29,7 +31,7 @@ from pynetdicom.events import Event
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from dicom_io.images import SopClass
-from dicom_io.listener import VERIFICATION, ReceivedInstance, StorageListener
+from dicom_io.listener import VERIFICATION, AssociationLimits, ReceivedInstance, StorageListener
 from dicom_io.spool import write_bytes_durably
 from dicom_io.status import StoreStatus
 from tests.conftest import SAMPLES, require_tool
@@ -334,3 +336,247 @@ def test_native_syntaxes_are_stored_as_received(
     stored = pydicom.dcmread(sink.path_of(ds.SOPInstanceUID))
     assert stored.file_meta.TransferSyntaxUID == syntax
     assert stored.PixelData == ds.PixelData
+
+
+# Admission: called AE, calling AE, limits, idle timeouts; one log line per refusal.
+
+
+def _echoscu(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("echoscu"), *args, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "dicom_io.listener" and r.getMessage().startswith("association refused")
+    ]
+
+
+def test_echoscu_with_an_unknown_calling_ae_is_refused_and_logged(
+    sink: RecordingSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.listener"),
+        StorageListener(
+            ae_title=AE_TITLE, port=0, sink=sink, allowed_calling_aes=["ORTHANC"]
+        ) as listener,
+    ):
+        refused = _echoscu(listener.port, "-aet", "WRONG", "-aec", AE_TITLE)
+        allowed = _echoscu(listener.port, "-aet", "ORTHANC", "-aec", AE_TITLE)
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stderr
+    assert allowed.returncode == 0, allowed.stderr
+    (line,) = _refusals(caplog)
+    assert line.startswith("association refused: calling AE 'WRONG' from 127.0.0.1:")
+    assert line.endswith(": calling AE not in listener.allowed_calling_aes")
+
+
+def test_a_called_ae_that_is_not_ours_is_refused_and_logged(
+    listener: StorageListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="dicom_io.listener"):
+        refused = _echoscu(listener.port, "-aet", "MODALITY", "-aec", "SOMEONE_ELSE")
+    assert refused.returncode != 0
+    assert "Called AE Title Not Recognized" in refused.stderr
+    (line,) = _refusals(caplog)
+    assert line.startswith("association refused: calling AE 'MODALITY' from 127.0.0.1:")
+    assert line.endswith(": called AE 'SOMEONE_ELSE' is not ours")
+
+
+def _try_associate(source: str, port: int) -> tuple[Association, list[A_ASSOCIATE_RJ]]:
+    """An association from ``source`` (any 127/8 address is loopback on Linux), keeping the RJ
+    PDU as received (pynetdicom may report a quick rejection as an abort)."""
+    received: list[A_ASSOCIATE_RJ] = []
+
+    def keep(event: Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            received.append(event.pdu)
+
+    assoc = _scu((VERIFICATION, [ExplicitVRLittleEndian])).associate(
+        "127.0.0.1",
+        port,
+        ae_title=AE_TITLE,
+        bind_address=(source, 0),
+        evt_handlers=[(evt.EVT_PDU_RECV, keep)],
+    )
+    return assoc, received
+
+
+def test_one_peer_cannot_take_every_place_and_the_total_is_kept(
+    sink: RecordingSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = AssociationLimits(total=3, per_peer=2, idle_timeout=30)
+    held: list[Association] = []
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.listener"),
+        StorageListener(ae_title=AE_TITLE, port=0, sink=sink, limits=limits) as listener,
+    ):
+        for _ in range(2):
+            assoc, _rj = _try_associate("127.0.0.1", listener.port)
+            assert assoc.is_established
+            held.append(assoc)
+        over, (rj,) = _try_associate("127.0.0.1", listener.port)
+        assert not over.is_established
+        # Rejected (transient), by the service provider, local limit exceeded.
+        assert (rj.result, rj.source, rj.reason_diagnostic) == (0x02, 0x03, 0x02)
+        other, _rj = _try_associate("127.0.0.2", listener.port)  # another host still gets in
+        assert other.is_established
+        held.append(other)
+        third, (rj,) = _try_associate("127.0.0.3", listener.port)  # but not past the total
+        assert not third.is_established
+        assert (rj.result, rj.source, rj.reason_diagnostic) == (0x02, 0x03, 0x02)
+        for assoc in held:
+            assoc.release()
+        assert _wait_for(lambda: len(sink.closed) == 3)
+        again, _rj = _try_associate("127.0.0.1", listener.port)  # places are given back
+        assert again.is_established
+        again.release()
+    lines = _refusals(caplog)
+    assert len(lines) == 2
+    assert lines[0].startswith("association refused: calling AE 'TESTSCU' from 127.0.0.1:")
+    assert lines[0].endswith(
+        ": 2 associations open from this address (listener.max_associations_per_peer)"
+    )
+    assert lines[1].startswith("association refused: calling AE 'TESTSCU' from 127.0.0.3:")
+    assert lines[1].endswith(": 3 associations open (listener.max_associations)")
+
+
+def test_idle_sockets_take_no_place_and_are_dropped(sink: RecordingSink) -> None:
+    """Connections that never send an A-ASSOCIATE-RQ (ten of them locked every modality out of
+    0.5.0 for 30 s) neither count towards the limits nor stay open past the idle timeout."""
+    limits = AssociationLimits(total=2, per_peer=2, idle_timeout=1.0)
+    with StorageListener(ae_title=AE_TITLE, port=0, sink=sink, limits=limits) as listener:
+        idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(12)]
+        try:
+            time.sleep(0.2)
+            assoc, _rj = _try_associate("127.0.0.1", listener.port)
+            assert assoc.is_established
+            assert int(assoc.send_c_echo().Status) == StoreStatus.SUCCESS
+            assoc.release()
+            for conn in idle:
+                conn.settimeout(10)
+                started = time.monotonic()
+                assert conn.recv(1) == b""  # closed by the listener
+                assert time.monotonic() - started < 5
+        finally:
+            for conn in idle:
+                conn.close()
+
+
+def test_an_idle_association_is_dropped_and_reported_closed(sink: RecordingSink) -> None:
+    limits = AssociationLimits(total=2, per_peer=2, idle_timeout=1.0)
+    with StorageListener(ae_title=AE_TITLE, port=0, sink=sink, limits=limits) as listener:
+        assoc, _rj = _try_associate("127.0.0.1", listener.port)
+        assert assoc.is_established
+        assert _wait_for(lambda: len(sink.closed) == 1, timeout=10)
+        assert _wait_for(lambda: not assoc.is_established, timeout=5)
+
+
+# DICOM TLS, with a throwaway CA, server and client certificate made by openssl.
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(
+        [require_tool("openssl"), *map(str, args)], check=True, capture_output=True, timeout=60
+    )
+
+
+def _certificate(folder: Path, name: str, ca: str, *extensions: str) -> None:
+    """``name.key`` and ``name.crt`` signed by ``ca`` (``ca.key``, ``ca.crt`` in ``folder``)."""
+    key, csr, crt = (folder / f"{name}{suffix}" for suffix in (".key", ".csr", ".crt"))
+    _openssl(
+        "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+        "-subj", f"/CN=dermfusion-test-{name}",
+    )  # fmt: skip
+    ext = folder / f"{name}.ext"
+    ext.write_text("\n".join(extensions) + "\n")
+    _openssl(
+        "x509", "-req", "-in", csr, "-CA", folder / f"{ca}.crt", "-CAkey", folder / f"{ca}.key",
+        "-CAcreateserial", "-out", crt, "-days", "2", "-extfile", ext,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pki")
+    for self_signed in ("ca", "rogue-ca"):
+        _openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", f"/CN=dermfusion-test-{self_signed}",
+            "-keyout", folder / f"{self_signed}.key", "-out", folder / f"{self_signed}.crt",
+        )  # fmt: skip
+    _certificate(
+        folder, "server", "ca", "subjectAltName=IP:127.0.0.1", "extendedKeyUsage=serverAuth"
+    )
+    _certificate(folder, "client", "ca", "extendedKeyUsage=clientAuth")
+    _certificate(folder, "rogue", "rogue-ca", "extendedKeyUsage=clientAuth")
+    return folder
+
+
+def test_tls_listener_takes_storescu_with_a_client_certificate_signed_by_the_ca(
+    sink: RecordingSink, pki: Path
+) -> None:
+    from dicom_io.tls import server_tls_context
+
+    context = server_tls_context(pki / "server.crt", pki / "server.key", pki / "ca.crt")
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    with StorageListener(ae_title=AE_TITLE, port=0, sink=sink, ssl_context=context) as listener:
+
+        def send(*tls: str) -> subprocess.CompletedProcess[str]:
+            return _storescu(listener.port, *tls, "-R", "-xy", str(DMS_FILE))
+
+        trusted = ("+tls", str(pki / "client.key"), str(pki / "client.crt"))
+        ok = send(*trusted, "+cf", str(pki / "ca.crt"))
+        assert ok.returncode == 0, ok.stderr
+        assert [i.calling_ae for i in sink.instances] == ["STORESCU"]
+        assert send().returncode != 0  # plain TCP
+        no_client_certificate = send("+tla", "+cf", str(pki / "ca.crt"))
+        assert no_client_certificate.returncode != 0
+        assert "certificate verify failed" not in no_client_certificate.stderr  # ours was fine
+        rogue = ("+tls", str(pki / "rogue.key"), str(pki / "rogue.crt"), "+cf", str(pki / "ca.crt"))
+        assert send(*rogue).returncode != 0  # a certificate from another CA
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # TLS 1.1 is refused by the listener
+        old.load_verify_locations(pki / "ca.crt")
+        old.load_cert_chain(pki / "client.crt", pki / "client.key")
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with (
+            pytest.raises(ssl.SSLError),
+            socket.create_connection(("127.0.0.1", listener.port), timeout=10) as raw,
+            old.wrap_socket(raw, server_hostname="127.0.0.1"),
+        ):
+            pass
+        # The refused handshakes held no place: a good peer still gets in.
+        again = send(*trusted, "+cf", str(pki / "ca.crt"))
+        assert again.returncode == 0, again.stderr
+    assert len(sink.instances) == 2
+
+
+def test_a_silent_tls_peer_does_not_stop_others_being_accepted(
+    sink: RecordingSink, pki: Path
+) -> None:
+    """pynetdicom wraps accepted sockets in its accept loop: a handshake done there would wait
+    for a ClientHello that never comes, and no one else would be accepted."""
+    from dicom_io.tls import server_tls_context
+
+    context = server_tls_context(pki / "server.crt", pki / "server.key")
+    limits = AssociationLimits(idle_timeout=5)  # the silent socket is dropped after this
+    with (
+        StorageListener(
+            ae_title=AE_TITLE, port=0, sink=sink, ssl_context=context, limits=limits
+        ) as listener,
+        socket.create_connection(("127.0.0.1", listener.port)),
+    ):
+        time.sleep(0.2)
+        started = time.monotonic()
+        ok = _storescu(
+            listener.port, "+tla", "+cf", str(pki / "ca.crt"), "-R", "-xy", str(DMS_FILE)
+        )
+        assert ok.returncode == 0, ok.stderr
+        assert time.monotonic() - started < 4  # not held up until the silent one is dropped

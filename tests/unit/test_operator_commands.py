@@ -23,6 +23,7 @@ def config(tmp_path: Path) -> Path:
         f'[storage]\ndir = "{tmp_path / "var"}"\n'
         '[pacs]\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
         '[fhir]\nbase_url = "http://127.0.0.1:8080/fhir"\n'
+        'patient_identifier_system = "urn:oid:1.2.3"\n'
     )
     return path
 

@@ -499,3 +499,66 @@ def test_the_delivery_loop_survives_a_store_that_fails(
             stop.set()
             worker.join(5)
     assert any("database is locked" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("ehr_patient", "subject_reference"), [("ehr-7", "Patient/ehr-7"), (None, None)]
+)
+def test_fhir_delivery_names_the_ehr_patient_and_never_creates_one(
+    tmp_path: Path, ehr_patient: str | None, subject_reference: str | None
+) -> None:
+    """The subject is resolved against the EHR at delivery: its Patient for the identifier, or
+    the identifier alone when it knows none. No entry of the transaction is a Patient."""
+    import datetime as dt
+    import json
+
+    import httpx
+
+    from fhir_io import report_bundle
+    from plugin.domain import Finding, ImageRef, ModelIdentity
+
+    root = "1.2.826.0.1.3680043.8.498"
+    bundle = report_bundle(
+        finding=Finding(0.7, 0.5, ModelIdentity("fusionnet", "1.0.0")),
+        demographics=Demographics.unknown(),
+        image=ImageRef(f"{root}.1", f"{root}.2", f"{root}.3", "1.2.840.10008.5.1.4.1.1.77.1.7"),
+        patient_id="MRN-1",
+        patient_identifier_system="urn:oid:1.2.3",
+        issued=dt.datetime(2024, 1, 2, tzinfo=dt.UTC),
+    )
+    path = tmp_path / "bundle.json"
+    path.write_text(json.dumps(bundle))
+    posted: list[dict] = []
+
+    def ehr(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/fhir/Patient/_search":
+            assert b"identifier=urn%3Aoid%3A1.2.3%7CMRN-1" in request.content
+            entries = (
+                []
+                if ehr_patient is None
+                else [
+                    {
+                        "resource": {"resourceType": "Patient", "id": ehr_patient},
+                        "search": {"mode": "match"},
+                    }
+                ]
+            )
+            return httpx.Response(
+                200, json={"resourceType": "Bundle", "type": "searchset", "entry": entries}
+            )
+        body = json.loads(request.content)
+        posted.append(body)
+        answers = [{"response": {"status": "201 Created"}} for _ in body["entry"]]
+        return httpx.Response(
+            200, json={"resourceType": "Bundle", "type": "transaction-response", "entry": answers}
+        )
+
+    with FhirClient("http://ehr.test/fhir", transport=httpx.MockTransport(ehr)) as client:
+        FhirDestination(client).deliver(OutboxItem("fhir:x", FHIR, path, 0))
+    (sent,) = posted
+    assert all(e["resource"]["resourceType"] != "Patient" for e in sent["entry"])
+    subjects = [e["resource"]["subject"] for e in sent["entry"] if "subject" in e["resource"]]
+    assert len(subjects) == 3
+    for subject in subjects:
+        assert subject.get("reference") == subject_reference
+        assert subject["identifier"] == {"system": "urn:oid:1.2.3", "value": "MRN-1"}
