@@ -1,18 +1,18 @@
 """Grad-CAM saliency for FusionNet's melanoma logit, and a PNG overlay for reviewers.
 
-The map answers "which parts of the image pushed the melanoma logit up" for one case with its
-metadata. It is computed on a private copy of the network, so the shared, loaded network (the
-service scores with it from other threads) never sees a hook, a gradient or a mode change.
+The map answers "which parts of the image pushed the melanoma logit up more than the rest of
+it" for one case with its metadata. The backbone runs without autograd; only the pooled head is
+differentiated, with respect to the last feature map (``torch.autograd.grad``), so the shared,
+loaded network (the service scores with it from other threads) is never copied, hooked, put in
+another mode or given a ``.grad``.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 from PIL import Image
 from torch import nn
 
@@ -20,33 +20,8 @@ from monai_bundle.scripts.metadata import METADATA_WIDTH
 from monai_bundle.scripts.network import FusionNet
 from monai_bundle.scripts.transforms import IMAGE_SIZE
 
-# Name of the hooked layer inside ``_ImageOnlyNet``: the backbone's last feature map (after the
-# head conv, BN and swish, 1280x7x7), i.e. exactly the tensor global pooling averages.
-TARGET_LAYER = "feature_map"
 # Weight of the colour map at saliency 1 in ``overlay_rgb``; it falls linearly to 0 at saliency 0.
 OVERLAY_ALPHA = 0.45
-
-
-class _ImageOnlyNet(nn.Module):
-    """FusionNet with the metadata closed over, since MONAI's GradCAM calls ``model(x)``.
-
-    The backbone runs without autograd (nothing below the last feature map is needed for
-    Grad-CAM); the feature map then passes through an ``nn.Identity`` that GradCAM hooks, so
-    the hooked tensor is the map that pooling sees, not a pre-activation.
-    """
-
-    def __init__(self, network: FusionNet, metadata: torch.Tensor) -> None:
-        super().__init__()
-        self.network = network
-        self.feature_map = nn.Identity()
-        self.register_buffer("metadata", metadata.reshape(1, -1), persistent=False)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            feature_map = self.network.feature_map(image)
-        feature_map = self.feature_map(feature_map.detach().requires_grad_(True))
-        metadata = self.metadata.expand(image.shape[0], -1)
-        return self.network.head(feature_map.mean(dim=(2, 3)), metadata)
 
 
 def _check_inputs(image: torch.Tensor, metadata: torch.Tensor) -> None:
@@ -65,32 +40,36 @@ def saliency_map(network: FusionNet, image: torch.Tensor, metadata: torch.Tensor
     """Grad-CAM of the melanoma logit as a 224x224 float32 map in [0, 1] (1 = most salient).
 
     ``image`` is one ``preprocess_rgb`` output, ``metadata`` one ``encode_metadata`` vector.
-    Grad-CAM keeps only evidence *for* melanoma (ReLU), so a case with none gives an all-zero
-    map rather than a min-max-stretched noise pattern.
+    Each location's evidence is the gradient-weighted sum of the feature channels there, taken
+    relative to the image's own mean (``A - mean(A)``): a whole-network model puts most images'
+    evidence below zero in absolute terms (the head's bias and calibration shift the logit), so
+    plain Grad-CAM's ReLU would blank the map of most lesions. Only evidence above the image's
+    average is kept; a featureless image gives an all-zero map, not stretched noise.
     """
     _check_inputs(image, metadata)
-    # Callers may sit inside FusionModel.score's inference_mode; Grad-CAM needs autograd.
+    # Callers may sit inside FusionModel.score's inference_mode; the head needs autograd.
+    with torch.inference_mode(False), torch.no_grad():
+        x = image.detach().clone().float().unsqueeze(0)
+        feature_map = network.feature_map(x.contiguous(memory_format=torch.channels_last))
     with torch.inference_mode(False), torch.enable_grad():
-        private = copy.deepcopy(network).eval()
-        for parameter in private.parameters():
-            parameter.requires_grad_(False)
-        model = _ImageOnlyNet(private, metadata.detach().clone().float())
-        # Identity postprocessing: MONAI's default_normalizer maps max to 0 (it flips the map).
-        cam = GradCAM(nn_module=model, target_layers=TARGET_LAYER, postprocessing=lambda x: x)
-        try:
-            raw = cam(image.detach().clone().float().unsqueeze(0), class_idx=0)
-        finally:
-            # GradCAM registers hooks without returning handles; they live on the private copy,
-            # which is dropped here, but clear them so nothing keeps the cached tensors alive.
-            model.feature_map._forward_hooks.clear()
-            model.feature_map._backward_hooks.clear()
-            cam.nn_module.activations.clear()
-            cam.nn_module.gradients.clear()
-    heat = raw.detach()[0, 0].cpu().numpy().astype(np.float32)
-    low, high = float(heat.min()), float(heat.max())
-    if not np.isfinite(high) or high - low <= 1e-12:
+        feature_map = feature_map.detach().clone().requires_grad_(True)
+        meta = metadata.detach().clone().float().reshape(1, -1)
+        logit = network.head(feature_map.mean(dim=(2, 3)), meta)
+        (gradient,) = torch.autograd.grad(logit.sum(), feature_map)
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    centred = feature_map.detach() - feature_map.detach().mean(dim=(2, 3), keepdim=True)
+    raw = nn.functional.relu((weights * centred).sum(dim=1, keepdim=True))
+    heat = (
+        nn.functional.interpolate(
+            raw, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+        )[0, 0]
+        .numpy()
+        .astype(np.float32)
+    )
+    high = float(heat.max())
+    if not np.isfinite(high) or high <= 1e-12:
         return np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    return np.clip((heat - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return np.clip(heat / high, 0.0, 1.0).astype(np.float32)
 
 
 def jet_colours(values: np.ndarray) -> np.ndarray:
