@@ -52,7 +52,12 @@ def test_smoke_training_trains_every_block_and_is_reproducible_from_its_seed(
         for line in (first_dir / "training_log.jsonl").read_text().split("\n")
         if line
     ]
-    assert [entry["step"] for entry in log] == [3]
+    # 38 training rows in batches of 32: two steps in epoch 1, the third (the last) in epoch 2
+    assert [entry["step"] for entry in log] == [2, 3]
+    assert all(
+        {"all", "ham10000", "isic2020"} <= set(e["validation_auc_identity_view"]) for e in log
+    )
+    assert (first_dir / "checkpoints" / "epoch-02.pt").is_file()
     metrics = json.loads((first_dir / "validation_metrics.json").read_text())
     assert metrics["device"] == "cpu" and metrics["recipe"]["include_archive"] is True
     assert 0 < metrics["threshold"] < 1
