@@ -13,6 +13,7 @@ from monai_bundle.scripts.metadata import encode_metadata
 from monai_bundle.scripts.sites import site_from_name
 
 ISIC_PREVALENCE = 540 / 29559  # melanoma share of the full ISIC 2020 table
+SOURCES = ("ham10000", "isic2020", "isic_archive")  # the values of Cases.frame.source
 
 # One vocabulary for HAM10000's ``dx`` codes and ISIC 2020's ``diagnosis`` names, so the report can
 # say which benign lesions the model mistakes for melanoma. ISIC 2020's benign "unknown" rows were

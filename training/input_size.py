@@ -20,10 +20,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from monai_bundle.scripts.network import FusionNet
-from training.data import encode_frame, load_cases, split_by_group
+from training.data import SOURCES, encode_frame, load_cases, split_by_group
 from training.images import decoded_images, normalised
-
-SOURCES = ("ham10000", "isic2020", "isic_archive")
 
 
 @torch.inference_mode()

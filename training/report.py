@@ -26,6 +26,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from monai_bundle.scripts.metadata import FIELD_SLOTS, encode_missing
 from monai_bundle.scripts.network import FusionNet, load_bundle_network
 from training.data import (
+    SOURCES,
     encode_frame,
     isic_patients,
     isic_weights,
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 AGE_BANDS = ((0, 30, "<30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, "70+"))
 MODES = ("fusion", "image_only", "metadata_only")
 ROBUSTNESS_VIEWS = {"identity": lambda x: x, "hair": with_hair, "ruler": with_ruler}
-SOURCES = ("ham10000", "isic2020", "isic_archive")
 
 
 def _classification(

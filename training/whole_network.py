@@ -25,13 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
 from monai_bundle.scripts.metadata import drop_fields, encode_missing
 from monai_bundle.scripts.network import FusionNet
 from training.data import (
+    SOURCES,
     Cases,
     encode_frame,
     isic_patients,
@@ -50,8 +51,6 @@ from training.images import Augmenter, decoded_images, normalised
 from training.priors import fit_metadata_prior, isic_table
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("ham10000", "isic2020", "isic_archive")
 
 
 @dataclass
@@ -453,8 +452,3 @@ def _auc_by_source(val: pd.DataFrame, logits: np.ndarray) -> dict[str, float]:
         if mask.any() and labels[mask].min() != labels[mask].max():
             out[name] = round(float(roc_auc_score(labels[mask], logits[mask])), 4)
     return out
-
-
-def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return float(1 - fpr[np.flatnonzero(tpr >= target)[0]])
