@@ -250,7 +250,7 @@ class WholeNetworkTrainer:
                 seen += len(rows)
                 bar.set_postfix(loss=f"{running / seen:.4f}")
             bar.close()
-            val_logits = self.logits(network, images[is_val], metadata[is_val], ("identity",))
+            (val_logits,) = self.logits(network, images[is_val], [metadata[is_val]], False)
             entry = {
                 "epoch": epoch + 1,
                 "step": step,
@@ -291,24 +291,26 @@ class WholeNetworkTrainer:
         self,
         network: FusionNet,
         images: torch.Tensor,
-        metadata: torch.Tensor,
-        views: tuple[str, ...] | None = None,
+        metadata_sets: list[torch.Tensor],
+        test_time_views: bool,
         batch_size: int = 64,
-    ) -> np.ndarray:
-        """Logits of uint8 images; ``views``: identity only for per-epoch monitoring, ``None``:
-        the network's own test-time views (exactly what scoring computes)."""
+    ) -> list[np.ndarray]:
+        """Logits of uint8 images under each metadata set, the backbone run once per batch.
+
+        ``test_time_views``: the network's own views, exactly what scoring computes; otherwise
+        the identity view alone (per-epoch monitoring).
+        """
         network.eval()
-        out = []
+        out: list[list[torch.Tensor]] = [[] for _ in metadata_sets]
         for start in range(0, len(images), batch_size):
             x = normalised(images[start : start + batch_size]).to(
                 self.device, memory_format=torch.channels_last
             )
-            m = metadata[start : start + batch_size].to(self.device)
-            if views is None:
-                out.append(network(x, m)[:, 0].cpu())
-            else:
-                out.append(network.head(network.image_features(x), m)[:, 0].cpu())
-        return torch.cat(out).numpy().astype(np.float64)
+            features = network.scoring_features(x) if test_time_views else network.image_features(x)
+            for logits, metadata in zip(out, metadata_sets, strict=True):
+                m = metadata[start : start + batch_size].to(self.device)
+                logits.append(network.head(features, m)[:, 0].cpu())
+        return [torch.cat(logits).numpy().astype(np.float64) for logits in out]
 
     def finish(
         self,
@@ -322,10 +324,10 @@ class WholeNetworkTrainer:
         recipe = self.recipe
         val = frame[is_val].reset_index(drop=True)
         none = torch.from_numpy(encode_missing(len(val)))
-        raw = {
-            "with_metadata": self.logits(network, images[is_val], metadata[is_val]),
-            "no_metadata": self.logits(network, images[is_val], none),
-        }
+        with_metadata, no_metadata = self.logits(
+            network, images[is_val], [metadata[is_val], none], True
+        )
+        raw = {"with_metadata": with_metadata, "no_metadata": no_metadata}
         calibration = self._calibrate(network, val, raw)
         probs = {
             mode: sigmoid(calibration["scale"] * v + calibration["shift"])
