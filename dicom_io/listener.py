@@ -32,7 +32,7 @@ import socket
 import ssl
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from types import TracebackType
@@ -78,6 +78,7 @@ _UID_TAGS = [Tag(keyword) for keyword in _UID_KEYWORDS]
 _RJ_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognized
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
 _RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
+_RJ_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider, temporary congestion
 # pynetdicom's own limit counts open sockets too, admitted or not: only a backstop here.
 _SOCKET_BACKSTOP_FACTOR = 8
 
@@ -140,8 +141,12 @@ class StorageListener:
         allowed_calling_aes: Sequence[str] = (),
         limits: AssociationLimits = AssociationLimits(),
         ssl_context: ssl.SSLContext | None = None,
+        capacity: Callable[[], str | None] | None = None,
     ) -> None:
+        """``capacity``: asked before each association is admitted; a reason (one line)
+        refuses it as temporary congestion (e.g. the disk is nearly full)."""
         self._address = (host, port)
+        self._capacity = capacity
         self._sink = sink
         self._ae_title = ae_title
         self._allowed = frozenset(allowed_calling_aes)  # empty: any calling AE
@@ -253,6 +258,8 @@ class StorageListener:
             return f"called AE {called!r} is not ours", _RJ_CALLED_AE
         if self._allowed and calling not in self._allowed:
             return "calling AE not in listener.allowed_calling_aes", _RJ_CALLING_AE
+        if self._capacity is not None and (shortage := self._capacity()) is not None:
+            return shortage, _RJ_CONGESTION
         for other in [a for a in self._admitted if not _is_open(a)]:
             del self._admitted[other]
         if len(self._admitted) >= self._limits.total:

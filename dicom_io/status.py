@@ -4,8 +4,10 @@ Named after PS3.4 Annex B (Storage Service Class) and PS3.7 Annex C (general sta
 handler never spells a bare hex code: a typo would still be a valid, wrong status.
 
 Why these codes:
-- ``OUT_OF_RESOURCES`` (A700) for ``OSError``/``MemoryError``: the spool could not make the
-  instance durable (disk full, I/O error). It is a *refusal*: the sender may try again later.
+- ``OUT_OF_RESOURCES`` (A700) for ``OSError``/``MemoryError`` and SQLite's operational errors:
+  the spool or the state database could not make the instance durable (disk full or below the
+  free-space watermark, I/O error, database locked). It is a *refusal*: the sender may try
+  again later.
 - ``DATASET_DOES_NOT_MATCH_SOP_CLASS`` (A900): the data set's SOP Class UID is not the one the
   presentation context (and the C-STORE command) announced.
 - ``CANNOT_UNDERSTAND`` (C000): the data set cannot be decoded, lacks a UID we key on, names
@@ -17,6 +19,7 @@ Why these codes:
 
 from __future__ import annotations
 
+import sqlite3
 import struct
 import zlib
 from enum import IntEnum
@@ -98,6 +101,6 @@ def status_for(exc: BaseException) -> StoreStatus:
         | UnsupportedInstanceError,
     ):
         return StoreStatus.CANNOT_UNDERSTAND
-    if isinstance(exc, OSError | MemoryError):
+    if isinstance(exc, OSError | MemoryError | sqlite3.OperationalError):
         return StoreStatus.OUT_OF_RESOURCES
     return StoreStatus.PROCESSING_FAILURE

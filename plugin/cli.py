@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sqlite3
 import sys
 import time
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=int, help="smoke run: stop after this many steps")
     train.add_argument("--epochs", type=int)
     train.add_argument("--seed", type=int)
+    train.add_argument(
+        "--fine-tune-epochs", type=int, help="epochs of the larger-input stage (0: none)"
+    )
 
     evaluate = sub.add_parser(
         "evaluate", parents=[common], help="report folder for the shipped weights (evaluate.json)"
@@ -188,6 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["recipe#epochs"] = args.epochs
     if args.seed is not None:
         overrides["recipe#seed"] = args.seed
+    if args.fine_tune_epochs is not None:
+        overrides["recipe#fine_tune_epochs"] = args.fine_tune_epochs
     return _run_bundle_config(args, "train.json", **overrides)
 
 
@@ -255,6 +261,17 @@ def _status_lines(settings: Settings, store: StateStore, now: float) -> tuple[li
                 f"parked delivery {item.key} to {item.destination} (study {study}): "
                 f"{since}: {item.reason}"
             )
+    from plugin.retention import MIB, FreeSpaceWatermark
+
+    watermark = FreeSpaceWatermark(settings.storage.dir, settings.storage.min_free_mb * MIB)
+    shortfall = watermark.shortfall()
+    if shortfall is None:
+        free = shutil.disk_usage(settings.storage.dir).free // MIB
+        lines.append(
+            f"storage: {free} MiB free (refusing new studies below {settings.storage.min_free_mb})"
+        )
+    else:
+        lines.append(f"storage: refusing new studies: {shortfall}")
     failed = store.failed_instances(STATUS_FAILED_INSTANCES + 1)
     for instance in failed[:STATUS_FAILED_INSTANCES]:
         lines.append(
@@ -268,6 +285,7 @@ def _status_lines(settings: Settings, store: StateStore, now: float) -> tuple[li
         f"parked deliveries {len(parked) - studies}" if len(parked) > studies else "",
         f"parked studies {studies}" if studies else "",
         f"stuck outbox {' '.join(stuck)}" if stuck else "",
+        "low disk space" if shortfall else "",
     ]
     if any(problems):
         lines.append(f"status: needs attention: {', '.join(filter(None, problems))}")

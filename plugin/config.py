@@ -85,6 +85,11 @@ class SaliencySettings:
 @dataclass(frozen=True)
 class StorageSettings:
     dir: Path
+    min_free_mb: int = 512
+
+    @property
+    def spool(self) -> Path:
+        return self.dir / "spool"
 
     @property
     def outbox(self) -> Path:
@@ -94,6 +99,12 @@ class StorageSettings:
     def state_database(self) -> Path:
         """The one SQLite file of plugin.state: the service and the operator commands share it."""
         return self.dir / "state.sqlite3"
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    keep_days: float  # 0: never delete
+    pass_minutes: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,7 @@ class Settings:
     saliency: SaliencySettings
     storage: StorageSettings
     model: ModelSettings
+    retention: RetentionSettings = RetentionSettings(keep_days=0.0)
 
     @property
     def patient_identifier_system(self) -> str:
@@ -144,7 +156,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_attempts": int,
     },
     "saliency": {"secondary_capture": bool},
-    "storage": {"dir": str},
+    "storage": {"dir": str, "min_free_mb": int},
+    "retention": {"keep_days": (int, float), "pass_minutes": (int, float)},
     "model": {"bundle_dir": str},
 }
 _OPTIONAL_SECTIONS = {"pacs", "fhir"}
@@ -340,6 +353,13 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             max_attempts=_positive_count("outbox.max_attempts", outbox["max_attempts"]),
         ),
         saliency=SaliencySettings(secondary_capture=raw["saliency"]["secondary_capture"]),
-        storage=StorageSettings(dir=_path(base, raw["storage"]["dir"])),
+        storage=StorageSettings(
+            dir=_path(base, raw["storage"]["dir"]),
+            min_free_mb=int(_non_negative("storage.min_free_mb", raw["storage"]["min_free_mb"])),
+        ),
         model=ModelSettings(bundle_dir=_path(base, raw["model"]["bundle_dir"])),
+        retention=RetentionSettings(
+            keep_days=_non_negative("retention.keep_days", raw["retention"]["keep_days"]),
+            pass_minutes=_positive("retention.pass_minutes", raw["retention"]["pass_minutes"]),
+        ),
     )

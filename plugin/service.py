@@ -35,6 +35,7 @@ from plugin.failures import describe, is_environmental
 from plugin.model import FusionModel
 from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
 from plugin.pipeline import ImageReport, ReportPipeline, capture_writer
+from plugin.retention import MIB, FreeSpaceWatermark, Retention
 from plugin.state import InstanceRow, OutboxItem, SqliteStateStore, StateStore
 from plugin.workers import Supervisor, Worker
 
@@ -73,10 +74,13 @@ class SpoolSink:
     spool_dir: Path
     store: StateStore
     clock: Callable[[], float] = time.time
+    watermark: FreeSpaceWatermark | None = None
 
     def accept(self, instance: ReceivedInstance) -> None:
         study = _safe_uid(instance.study_instance_uid, "StudyInstanceUID")
         sop = _safe_uid(instance.sop_instance_uid, "SOPInstanceUID")
+        if self.watermark is not None:
+            self.watermark.check()  # refused (0xA700) rather than taken without room to report
         path = self.spool_dir / study / f"{sop}.dcm"
         private_directory(path.parent)
         write_bytes_durably(instance.encoded, path)
@@ -294,7 +298,7 @@ class DermfusionService:
     def __post_init__(self) -> None:
         storage = self.settings.storage
         # Owner-only, also when an older release left them 0755 (they hold patient data).
-        for folder in (storage.dir, storage.dir / "spool", storage.outbox):
+        for folder in (storage.dir, storage.spool, storage.outbox):
             private_directory(folder, tighten=True)
         self.store = SqliteStateStore(storage.state_database)
         self.fhir = FhirClient(self.settings.fhir.base_url) if self.settings.fhir else None
@@ -329,6 +333,7 @@ class DermfusionService:
             fhir_wait_seconds=self.settings.demographics.fhir_wait_seconds,
             backoff=self.backoff,
         )
+        self.watermark = FreeSpaceWatermark(storage.dir, storage.min_free_mb * MIB)
         listener = self.settings.listener
         self.listener = StorageListener(
             ae_title=listener.ae_title,
@@ -341,7 +346,8 @@ class DermfusionService:
                 idle_timeout=listener.idle_timeout_seconds,
             ),
             ssl_context=listener_tls_context(listener),
-            sink=SpoolSink(storage.dir / "spool", self.store),
+            sink=SpoolSink(storage.spool, self.store, watermark=self.watermark),
+            capacity=self.watermark.shortfall,
         )
         self.scorer = StudyScorer(
             store=self.store,
@@ -353,23 +359,40 @@ class DermfusionService:
         # Scoring and delivery run apart, so a slow or unreachable PACS/FHIR server (connect
         # timeouts) never delays the scoring of the next study.
         pause = Backoff(1.0, WORKER_PAUSE_MAX_SECONDS)
+        workers = [
+            Worker(
+                "dermfusion-scoring",
+                self._score_ready_studies,
+                self._stop,
+                poll_seconds=WORKER_POLL_SECONDS,
+                pause=pause,
+            ),
+            Worker(
+                "dermfusion-delivery",
+                self._deliver_owed_reports,
+                self._stop,
+                poll_seconds=WORKER_POLL_SECONDS,
+                pause=pause,
+            ),
+        ]
+        keep_days = self.settings.retention.keep_days
+        self.retention = (
+            Retention(self.store, keep_days * 86400, storage.spool, storage.outbox)
+            if keep_days > 0
+            else None
+        )
+        if self.retention is not None:
+            workers.append(
+                Worker(
+                    "dermfusion-retention",
+                    self.retention.purge,
+                    self._stop,
+                    poll_seconds=self.settings.retention.pass_minutes * 60,
+                    pause=pause,
+                )
+            )
         self._supervisor = Supervisor(
-            [
-                Worker(
-                    "dermfusion-scoring",
-                    self._score_ready_studies,
-                    self._stop,
-                    poll_seconds=WORKER_POLL_SECONDS,
-                    pause=pause,
-                ),
-                Worker(
-                    "dermfusion-delivery",
-                    self._deliver_owed_reports,
-                    self._stop,
-                    poll_seconds=WORKER_POLL_SECONDS,
-                    pause=pause,
-                ),
-            ],
+            workers,
             self._stop,
             check_seconds=SUPERVISOR_CHECK_SECONDS,
             pause=pause,

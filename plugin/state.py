@@ -84,6 +84,16 @@ class FailedInstance:
     received_at: float
 
 
+@dataclass(frozen=True)
+class ExpiredStudy:
+    """A study that owes nothing and was last touched before the retention cut-off: its spool
+    files and the report files of its deliveries (all delivered) may go."""
+
+    study_instance_uid: str
+    spool_files: tuple[Path, ...]
+    report_files: tuple[Path, ...]
+
+
 class StateStore(Protocol):
     def record_instance(
         self, row: InstanceRow, association_id: str, received_at: float
@@ -120,6 +130,8 @@ class StateStore(Protocol):
     def failed_instances(self, limit: int) -> list[FailedInstance]: ...
     def knows_study(self, study_instance_uid: str) -> bool: ...
     def requeue_study_deliveries(self, study_instance_uid: str, now: float) -> dict[str, int]: ...
+    def expired_studies(self, cutoff: float, limit: int) -> list[ExpiredStudy]: ...
+    def forget_study(self, study_instance_uid: str) -> None: ...
 
 
 # Version 0: the schema of 0.5.0, which set no user_version. Created as-is on a new file, then
@@ -590,6 +602,59 @@ class SqliteStateStore:
         for (destination,) in rows:
             counts[destination] = counts.get(destination, 0) + 1
         return dict(sorted(counts.items()))
+
+    def expired_studies(self, cutoff: float, limit: int) -> list[ExpiredStudy]:
+        """Up to ``limit`` studies that are over: every instance scored or failed, not parked,
+        every delivery delivered (none owed or parked), nothing received or delivered since
+        ``cutoff``. Oldest first."""
+        with self._lock:
+            studies = [
+                r[0]
+                for r in self._db.execute(
+                    """SELECT i.study_instance_uid FROM instances i
+                       LEFT JOIN studies s ON s.study_instance_uid = i.study_instance_uid
+                       GROUP BY i.study_instance_uid
+                       HAVING SUM(i.state = 'received') = 0
+                          AND MAX(i.received_at) < :cutoff
+                          AND MAX(s.parked_at) IS NULL
+                          AND NOT EXISTS (
+                              SELECT 1 FROM outbox o
+                              WHERE o.study_instance_uid = i.study_instance_uid
+                                AND (o.delivered_at IS NULL OR o.delivered_at >= :cutoff))
+                       ORDER BY MAX(i.received_at) LIMIT :limit""",
+                    {"cutoff": cutoff, "limit": limit},
+                )
+            ]
+            out = []
+            for study in studies:
+                spool = self._db.execute(
+                    "SELECT path FROM instances WHERE study_instance_uid = ? ORDER BY path",
+                    (study,),
+                ).fetchall()
+                reports = self._db.execute(
+                    "SELECT path FROM outbox WHERE study_instance_uid = ? ORDER BY path", (study,)
+                ).fetchall()
+                out.append(
+                    ExpiredStudy(
+                        study,
+                        tuple(Path(r[0]) for r in spool),
+                        tuple(Path(r[0]) for r in reports),
+                    )
+                )
+        return out
+
+    def forget_study(self, study_instance_uid: str) -> None:
+        """Remove every row of a study (and associations no instance refers to any more): an
+        instance of it sent again later is a new arrival."""
+        with self._transaction() as db:
+            for table in ("outbox", "instances", "studies"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE study_instance_uid = ?", (study_instance_uid,)
+                )
+            db.execute(
+                """DELETE FROM associations WHERE closed_at IS NOT NULL
+                   AND id NOT IN (SELECT association_id FROM instances)"""
+            )
 
 
 def _named(column: str, values: Sequence[str]) -> str:

@@ -71,6 +71,12 @@ class Recipe:
     val_fraction: float = 0.2
     sensitivity_target: float = 0.95
     include_archive: bool = True
+    # a second stage at a larger input (progressive resizing): the same network fine-tuned for a
+    # few epochs on images decoded at ``fine_tune_image_size``, on a short schedule of its own
+    # whose peak is ``fine_tune_learning_rate_scale`` times the first stage's; 0 epochs: none
+    fine_tune_epochs: int = 0
+    fine_tune_image_size: int = 288
+    fine_tune_learning_rate_scale: float = 0.25
     network: dict[str, Any] = field(
         default_factory=lambda: {"test_time_views": ["identity", "hflip", "vflip", "rot90"]}
     )
@@ -148,7 +154,6 @@ class WholeNetworkTrainer:
             labels[is_val].sum(),
             self.device,
         )
-        images = decoded_images(list(frame.image), recipe.image_size, self.cache_dir)
         metadata = torch.from_numpy(encode_frame(frame))
         weights = torch.from_numpy(
             clinic_prevalence_weights(
@@ -176,17 +181,15 @@ class WholeNetworkTrainer:
         )
         train_rows = np.flatnonzero(~is_val)
         steps_per_epoch = math.ceil(len(train_rows) / recipe.batch_size)
-        total = steps_per_epoch * recipe.epochs
+        stage_one = steps_per_epoch * recipe.epochs
+        stage_two = steps_per_epoch * recipe.fine_tune_epochs
+        total = stage_one + stage_two
         if self.max_steps is not None:
             total = min(total, self.max_steps)
-        warmup = max(1, int(total * recipe.warmup_fraction))
+            stage_one = min(stage_one, total)
+            stage_two = total - stage_one
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: (
-                min(1.0, (step + 1) / warmup)
-                * 0.5
-                * (1 + math.cos(math.pi * min(step, total) / total))
-            ),
+            optimizer, _two_stage_schedule(stage_one, stage_two, recipe)
         )
         generator = torch.Generator().manual_seed(recipe.seed)
         augment = Augmenter()
@@ -208,16 +211,21 @@ class WholeNetworkTrainer:
         elif history_file.exists():
             history_file.unlink()
 
-        for epoch in range(first_epoch, recipe.epochs):
+        images = torch.empty(0, dtype=torch.uint8)
+        size = 0
+        for epoch in range(first_epoch, recipe.epochs + recipe.fine_tune_epochs):
             if step >= total:
                 break
+            if self._image_size(epoch) != size:
+                size = self._image_size(epoch)
+                images = decoded_images(list(frame.image), size, self.cache_dir)
             network.train()
             epoch_start = time.monotonic()
             order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
             running, seen = 0.0, 0
             bar = tqdm(
                 range(steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                desc=f"epoch {epoch + 1}/{recipe.epochs + recipe.fine_tune_epochs} ({size} px)",
                 mininterval=30,
                 file=sys.stderr,
             )
@@ -254,6 +262,7 @@ class WholeNetworkTrainer:
             entry = {
                 "epoch": epoch + 1,
                 "step": step,
+                "image_size": size,
                 "train_loss": running / max(seen, 1),
                 "seconds": round(time.monotonic() - epoch_start, 1),
                 "validation_auc_identity_view": _auc_by_source(frame[is_val], val_logits),
@@ -275,6 +284,9 @@ class WholeNetworkTrainer:
             torch.save(network.state_dict(), checkpoints / f"epoch-{epoch + 1:02d}.pt")
 
         network.eval()
+        final_size = self._image_size(recipe.epochs + recipe.fine_tune_epochs - 1)
+        if size != final_size:  # resumed after the last epoch
+            images = decoded_images(list(frame.image), final_size, self.cache_dir)
         finish_started = time.monotonic()
         report = self.finish(network, frame, is_val, images, metadata)
         epochs = [json.loads(line) for line in history_file.read_text().splitlines() if line]
@@ -285,6 +297,11 @@ class WholeNetworkTrainer:
         report["recipe"] = asdict(recipe)
         self._save(network, report)
         return report
+
+    def _image_size(self, epoch: int) -> int:
+        if epoch >= self.recipe.epochs and self.recipe.fine_tune_epochs:
+            return self.recipe.fine_tune_image_size
+        return self.recipe.image_size
 
     @torch.inference_mode()
     def logits(
@@ -437,6 +454,23 @@ class WholeNetworkTrainer:
         log.info(
             "wrote model.pt, operating_point.json, validation_metrics.json to %s", self.output_dir
         )
+
+
+def _two_stage_schedule(stage_one: int, stage_two: int, recipe: Recipe) -> Any:
+    """Learning-rate factor per step: warm-up and cosine decay over the first stage, then the
+    same shape again over the fine-tuning stage, scaled down."""
+
+    def cosine(step: int, steps: int) -> float:
+        warmup = max(1, int(steps * recipe.warmup_fraction))
+        decay = 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        return min(1.0, (step + 1) / warmup) * decay
+
+    def factor(step: int) -> float:
+        if step < stage_one or stage_two == 0:
+            return cosine(step, max(stage_one, 1))
+        return recipe.fine_tune_learning_rate_scale * cosine(step - stage_one, stage_two)
+
+    return factor
 
 
 def _platt(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> tuple[float, float]:

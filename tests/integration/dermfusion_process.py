@@ -27,6 +27,8 @@ class DermfusionProcess:
     port: int
     config: Path
     ae_title: str = "DERMFUSION"
+    # a command the service runs under, e.g. `unshare -m` with a small tmpfs as its storage
+    wrapper: Sequence[str] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
     starts: int = field(default=0, init=False)
 
@@ -42,7 +44,7 @@ class DermfusionProcess:
         with self.log.open("ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())
             self.process = subprocess.Popen(
-                [*dermfusion_command(), "--config", str(self.config), "serve"],
+                [*self.wrapper, *dermfusion_command(), "--config", str(self.config), "serve"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "TCP_NODELAY": "1"},
@@ -90,8 +92,11 @@ def write_config(
     outbox_max_attempts: int = 10,
     bind_address: str = "127.0.0.1",
     listener: Sequence[str] = (),
+    min_free_mb: int = 0,
+    retention: Sequence[str] = (),
 ) -> Path:
-    """A site file for one test run; ``listener`` lines are added to ``[listener]`` as is."""
+    """A site file for one test run; ``listener`` and ``retention`` lines are added to their
+    sections as is. No free-space watermark unless asked for (test machines vary)."""
     lines = [
         "[listener]",
         f"port = {port}",
@@ -107,6 +112,9 @@ def write_config(
         "fhir_wait_seconds = 5",
         "[storage]",
         f'dir = "{storage}"',
+        f"min_free_mb = {min_free_mb}",
+        "[retention]",
+        *retention,
         "[saliency]",
         f"secondary_capture = {'true' if secondary_capture else 'false'}",
     ]
@@ -124,14 +132,14 @@ def write_config(
 
 @contextmanager
 def running_dermfusion(
-    workdir: Path, port: int | None = None, **config: object
+    workdir: Path, port: int | None = None, wrapper: Sequence[str] = (), **config: object
 ) -> Iterator[DermfusionProcess]:
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config_path = write_config(
         workdir / "dermfusion.toml", port=port, storage=workdir / "var", **config
     )  # type: ignore[arg-type]
-    service = DermfusionProcess(workdir, port, config_path)
+    service = DermfusionProcess(workdir, port, config_path, wrapper=wrapper)
     service.start()
     try:
         yield service

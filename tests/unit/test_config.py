@@ -30,6 +30,8 @@ def test_embedded_defaults_have_no_pacs_and_no_fhir(tmp_path: Path) -> None:
     assert settings.patient_identifier_system == DEFAULT_PATIENT_IDENTIFIER_SYSTEM
     assert settings.saliency.secondary_capture is False
     assert settings.study.max_attempts == 3 and settings.outbox.max_attempts == 10
+    assert settings.storage.min_free_mb == 512
+    assert (settings.retention.keep_days, settings.retention.pass_minutes) == (30, 60)
 
 
 def test_contract_keys_are_read(tmp_path: Path) -> None:
@@ -53,6 +55,9 @@ patient_identifier_system = "urn:hospital:mrn"
 secondary_capture = true
 [storage]
 dir = "/srv/dermfusion"
+min_free_mb = 2048
+[retention]
+keep_days = 90
 """,
     )
     settings = load_settings(path, base_dir=tmp_path)
@@ -62,6 +67,7 @@ dir = "/srv/dermfusion"
     assert settings.patient_identifier_system == "urn:hospital:mrn"
     assert settings.storage.dir == Path("/srv/dermfusion")
     assert settings.saliency.secondary_capture is True
+    assert settings.storage.min_free_mb == 2048 and settings.retention.keep_days == 90
 
 
 @pytest.mark.parametrize(
@@ -89,6 +95,10 @@ dir = "/srv/dermfusion"
             "listener.max_associations_per_peer must be <= listener.max_associations",
         ),
         ("[listener]\nidle_timeout_seconds = 0\n", "listener.idle_timeout_seconds must be > 0"),
+        ("[storage]\nmin_free_mb = -1\n", "storage.min_free_mb must be >= 0"),
+        ("[storage]\nmin_free_mb = 0.5\n", "storage.min_free_mb has the wrong type"),
+        ("[retention]\nkeep_days = -1\n", "retention.keep_days must be >= 0"),
+        ("[retention]\npass_minutes = 0\n", "retention.pass_minutes must be > 0"),
         ("[listener]\nallow_any_calling_ae = 1\n", "listener.allow_any_calling_ae has the wrong"),
         ('[listener]\ntls_certificate = "c.pem"\n', "listener.tls_certificate and listener.tls_pr"),
         (

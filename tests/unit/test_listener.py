@@ -390,6 +390,27 @@ def test_a_called_ae_that_is_not_ours_is_refused_and_logged(
     assert line.endswith(": called AE 'SOMEONE_ELSE' is not ours")
 
 
+def test_no_room_on_disk_refuses_associations_as_temporary_congestion(
+    sink: RecordingSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    shortage: list[str] = ["3 MiB free on the storage volume, below storage.min_free_mb (512)"]
+    with (
+        caplog.at_level(logging.INFO, logger="dicom_io.listener"),
+        StorageListener(
+            ae_title=AE_TITLE, port=0, sink=sink, capacity=lambda: shortage[0] or None
+        ) as listener,
+    ):
+        refused = _echoscu(listener.port, "-aet", "MODALITY", "-aec", AE_TITLE)
+        shortage[0] = ""  # space came back
+        accepted = _echoscu(listener.port, "-aet", "MODALITY", "-aec", AE_TITLE)
+    assert refused.returncode != 0
+    assert "Temporary Congestion" in refused.stderr
+    assert accepted.returncode == 0, accepted.stderr
+    (line,) = _refusals(caplog)
+    assert line.startswith("association refused: calling AE 'MODALITY' from 127.0.0.1:")
+    assert line.endswith(": 3 MiB free on the storage volume, below storage.min_free_mb (512)")
+
+
 def _try_associate(source: str, port: int) -> tuple[Association, list[A_ASSOCIATE_RJ]]:
     """An association from ``source`` (any 127/8 address is loopback on Linux), keeping the RJ
     PDU as received (pynetdicom may report a quick rejection as an abort)."""

@@ -3,6 +3,7 @@ SqliteStateStore: the lines they print, their exit statuses, and what they chang
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def test_status_of_a_quiet_service_is_ok(
     assert (status, err) == (0, [])
     assert out[0] == "outbox pacs: nothing owed"
     assert out[1].startswith("outbox fhir: 1 owed, the oldest for ")
-    assert out[2:] == ["status: ok"]
+    assert re.fullmatch(r"storage: \d+ MiB free \(refusing new studies below 512\)", out[2])
+    assert out[3:] == ["status: ok"]
 
 
 def test_status_lists_parked_stuck_and_failed_and_exits_1(
@@ -95,6 +97,7 @@ def test_status_lists_parked_stuck_and_failed_and_exits_1(
 
     status, out, err = _run(capsys, "status", "--config", str(config))
     assert (status, err) == (1, [])
+    assert out.pop(4).startswith("storage: ")
     assert out == [
         "outbox pacs: nothing owed",
         "outbox fhir: 1 owed, the oldest for 3600 s (stuck: owed longer than 900 s)",
@@ -106,6 +109,22 @@ def test_status_lists_parked_stuck_and_failed_and_exits_1(
         "no pixel data (7FE0,0010)",
         "status: needs attention: parked deliveries 1, parked studies 1, stuck outbox fhir",
     ]
+
+
+def test_status_says_when_low_disk_space_refuses_new_studies(
+    config: Path, store: SqliteStateStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config.write_text(
+        config.read_text().replace("[storage]\n", "[storage]\nmin_free_mb = 1000000000\n")
+    )
+    status, out, err = _run(capsys, "status", "--config", str(config))
+    assert (status, err) == (1, [])
+    assert re.fullmatch(
+        r"storage: refusing new studies: \d+ MiB free on the storage volume, "
+        r"below storage.min_free_mb \(1000000000\)",
+        out[2],
+    )
+    assert out[-1] == "status: needs attention: low disk space"
 
 
 def test_status_without_a_state_database_is_one_line_and_exit_2(
