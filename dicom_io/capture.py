@@ -14,7 +14,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.images import SALIENCY_IMAGE_TYPE
-from dicom_io.sr import MANUFACTURER, derived_uid, with_type2_attributes
+from dicom_io.sr import MANUFACTURER, copyable_header, derived_uid
 from plugin.domain import ImageRef, ModelIdentity
 
 SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
@@ -43,7 +43,7 @@ class SaliencyCaptureWriter:
         if overlay.ndim != 3 or overlay.shape[2] != 3 or overlay.dtype != np.uint8:
             raise ValueError(f"overlay must be HxWx3 uint8, got {overlay.shape} {overlay.dtype}")
         capture = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=with_type2_attributes(source),
+            ref_dataset=copyable_header(source),
             pixel_array=overlay,
             photometric_interpretation="RGB",
             bits_allocated=8,

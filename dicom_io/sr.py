@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
+import re
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
-from pydicom import Dataset
+from pydicom import Dataset, config
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DT, TM, validate_value
 
 from plugin.domain import Demographics, Finding, ImageRef, ModelIdentity, Source
+
+log = logging.getLogger(__name__)
 
 PRIVATE_SCHEME = "99DERMFUSION"
 PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")
@@ -216,7 +224,7 @@ class MeasurementReportWriter:
             imaging_measurements=[group],
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[with_type2_attributes(source)],
+            evidence=[copyable_header(source)],
             content=report[0],
             series_instance_uid=sr_series_uid(ref.study_instance_uid, model),
             series_number=self.series_number,
@@ -232,7 +240,8 @@ class MeasurementReportWriter:
 
 
 # Type 2 Patient and Study attributes highdicom copies into the SR: present (maybe empty) in a
-# conformant image, but a non-conformant sender may leave them out entirely.
+# conformant image, but a non-conformant sender may leave them out entirely, or send values
+# highdicom refuses (a birth date of 19700230, a sex of X, a name with a line break).
 _TYPE2_COPIED = (
     "PatientName",
     "PatientID",
@@ -244,17 +253,88 @@ _TYPE2_COPIED = (
     "StudyID",
     "AccessionNumber",
 )
+# VRs whose values are checked before the header is copied into a report (highdicom copies
+# every Patient and Study module attribute present, and refuses a malformed one).
+_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+# Control characters: none in short strings (ESC introduces ISO 2022 escapes); free text may
+# also hold TAB, LF, FF and CR.
+_CONTROL = re.compile(r"[\x00-\x1a\x1c-\x1f\x7f]")
+_FREE_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 
 
-def with_type2_attributes(source: Dataset) -> Dataset:
-    """The source header with absent type 2 attributes added empty, so the SR can be built."""
-    missing = [keyword for keyword in _TYPE2_COPIED if keyword not in source]
-    if not missing:
+def copyable_header(source: Dataset) -> Dataset:
+    """The source header made safe to copy into the SR (or SC): every absent type 2 attribute
+    added empty, every malformed value emptied (type 2) or dropped (others) and named in one log
+    line, never quoted. A bad header value costs that field, not the report."""
+    fixes: dict[str, Any] = {keyword: None for keyword in _TYPE2_COPIED if keyword not in source}
+    malformed = [
+        keyword for keyword in _top_level_keywords(source) if not _valid_copy(source, keyword)
+    ]
+    for keyword in malformed:
+        fixes[keyword] = None if keyword in _TYPE2_COPIED else _DROP
+    if not fixes:
         return source
+    if malformed:
+        log.warning(
+            "sop=%s: malformed %s left out of the report",
+            source.get("SOPInstanceUID", "(none)"),
+            ", ".join(malformed),
+        )
     completed = copy.deepcopy(source)
-    for keyword in missing:
-        setattr(completed, keyword, None)
+    for keyword, value in fixes.items():
+        if keyword in completed:
+            del completed[keyword]
+        if value is not _DROP:
+            setattr(completed, keyword, value)
     return completed
+
+
+_DROP = object()
+
+
+def _top_level_keywords(source: Dataset) -> list[str]:
+    """Keywords of the public, non-sequence elements (what a report may copy)."""
+    out = []
+    for tag in source.keys():  # noqa: SIM118 - tags, without converting raw elements
+        if tag.is_private or tag.group == 0x0002:
+            continue
+        keyword = keyword_for_tag(tag)
+        if keyword:
+            out.append(keyword)
+    return out
+
+
+def _valid_copy(source: Dataset, keyword: str) -> bool:
+    try:
+        element = source[keyword]
+        vr = dictionary_VR(keyword)
+        if vr not in _CHECKED_VRS | _FREE_TEXT_VRS:
+            return True  # sequences, binary and numeric values: not copied as text
+        if vr != element.VR:
+            return False  # a VR the dictionary does not give it (a damaged explicit VR)
+        value = element.value
+        if value is None or value == "":
+            return True
+        values = list(value) if element.VM > 1 else [value]
+        if keyword in _TYPE2_COPIED and len(values) != 1:
+            return False
+        for item in values:
+            text = str(item)
+            validate_value(vr, text, config.RAISE)
+            if (_FREE_TEXT_CONTROL if vr in _FREE_TEXT_VRS else _CONTROL).search(text):
+                return False
+            if vr == "DA":
+                datetime.strptime(text, "%Y%m%d")
+            elif vr == "TM":
+                TM(text)
+            elif vr == "DT":
+                DT(text)
+        if keyword == "PatientSex":
+            return str(value) in ("M", "F", "O")
+    except Exception:  # noqa: BLE001 - whatever a malformed value raises, it is malformed
+        return False
+    return True
 
 
 def _private_scheme() -> Dataset:

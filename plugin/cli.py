@@ -382,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # one line per event: these libraries log every module copied / PDU exchanged at INFO
         for chatty in ("highdicom", "pynetdicom"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
+    from dicom_io.redaction import keep_values_out_of_logs
+
+    keep_values_out_of_logs()
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,13 @@ MODEL = ModelIdentity("dermfusion test model", "9.9.9")
 
 @pytest.fixture(autouse=True)
 def _strict_values() -> Iterator[None]:
-    before = config.settings.writing_validation_mode
+    """Writes validated strictly; reads not validated, as in the service (dicom_io.redaction:
+    pydicom's read warnings quote the values)."""
+    before = config.settings.writing_validation_mode, config.settings.reading_validation_mode
     config.settings.writing_validation_mode = config.RAISE
+    config.settings.reading_validation_mode = config.IGNORE
     yield
-    config.settings.writing_validation_mode = before
+    config.settings.writing_validation_mode, config.settings.reading_validation_mode = before
 
 
 def _demographics() -> Demographics:
@@ -162,3 +166,55 @@ def test_source_without_type2_patient_attributes_still_gives_a_valid_sr(tmp_path
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+
+
+MARKER = "Zqmarker"  # in every malformed value below: the log must never quote it
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "dropped"),
+    [
+        ("PatientBirthDate", "19700230", False),  # the right shape, not a date
+        ("PatientBirthDate", "1970XX01", False),
+        ("PatientSex", "X", False),
+        ("PatientName", f"{MARKER}^Line\r\nbreak", False),
+        ("PatientID", f"{MARKER}-" + "9" * 80, False),  # longer than LO allows
+        ("StudyDate", "2024XX16", False),
+        ("StudyTime", "25XX", False),
+        ("AccessionNumber", f"{MARKER}-far-too-long-for-SH", False),
+        ("PatientAge", "0X5Y", True),  # not type 2: left out rather than emptied
+        ("PatientComments", f"{MARKER}\x00nul", True),
+    ],
+)
+def test_a_malformed_header_value_costs_the_field_not_the_report(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, keyword: str, value: str, dropped: bool
+) -> None:
+    image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
+    header = image.dataset
+    with config.disable_value_validation():
+        setattr(header, keyword, value)
+    with caplog.at_level(logging.WARNING, logger="dicom_io.sr"):
+        sr = MeasurementReportWriter().build(
+            source=header,
+            ref=image.ref,
+            finding=Finding(0.3, 0.25, MODEL),
+            demographics=Demographics.unknown(),
+        )
+    assert (keyword not in sr) if dropped else (keyword in sr and not sr[keyword].value)
+    assert str(header[keyword].value) == value  # the source header is left as received
+    assert caplog.messages == [
+        f"sop={image.ref.sop_instance_uid}: malformed {keyword} left out of the report"
+    ]
+    assert MARKER not in caplog.text and value not in caplog.text
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+
+
+def test_a_well_formed_header_is_copied_as_is(caplog: pytest.LogCaptureFixture) -> None:
+    image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
+    with caplog.at_level(logging.WARNING, logger="dicom_io.sr"):
+        sr = _build(0.3, _demographics())
+    assert caplog.messages == []
+    for keyword in ("PatientName", "PatientID", "StudyDate", "StudyInstanceUID"):
+        assert sr[keyword].value == image.dataset[keyword].value
