@@ -114,7 +114,10 @@ class WholeNetworkTrainer:
         device: str = "cpu",
         max_images: int | None = None,
         max_steps: int | None = None,
+        held_out_clinic: str | None = None,
     ) -> None:
+        """``held_out_clinic``: leave-one-clinic-out; that clinic's images are the validation
+        set and nothing of it is trained on (instead of the lesion/patient-disjoint split)."""
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: no CUDA device is available")
         self.recipe = recipe
@@ -124,6 +127,7 @@ class WholeNetworkTrainer:
         self.device = torch.device(device)
         self.max_images = max_images
         self.max_steps = max_steps
+        self.held_out_clinic = held_out_clinic
 
     # ---- data -----------------------------------------------------------------------------
     def _cases(self) -> pd.DataFrame:
@@ -144,7 +148,12 @@ class WholeNetworkTrainer:
         torch.manual_seed(recipe.seed)
         frame = self._cases()
         cases = Cases(frame)
-        is_val = np.array(split_by_group(cases, recipe.val_fraction, recipe.seed))
+        if self.held_out_clinic is not None:
+            is_val = (frame.clinic == self.held_out_clinic).to_numpy()
+            if not is_val.any():
+                raise ValueError(f"no images of clinic {self.held_out_clinic!r}")
+        else:
+            is_val = np.array(split_by_group(cases, recipe.val_fraction, recipe.seed))
         labels = frame.label.to_numpy()
         log.info(
             "training on %d images (%d melanoma), validating on %d (%d melanoma), device %s",
@@ -295,6 +304,8 @@ class WholeNetworkTrainer:
         report["finish_seconds"] = round(time.monotonic() - finish_started, 1)
         report["device"] = str(self.device)
         report["recipe"] = asdict(recipe)
+        if self.held_out_clinic is not None:
+            report["held_out_clinic"] = self.held_out_clinic
         self._save(network, report)
         return report
 
@@ -396,7 +407,7 @@ class WholeNetworkTrainer:
         reweighted to the table's 2% prevalence (the population the service meets)."""
         isic = (val.source == "isic2020").to_numpy()
         labels = np.tile(val.label.to_numpy()[isic], 2)
-        if labels.min() == labels.max():
+        if len(labels) == 0 or labels.min() == labels.max():
             log.warning("calibration skipped: too few ISIC 2020 validation cases")
             return {"skipped": "too few ISIC 2020 validation cases", "scale": 1.0, "shift": 0.0}
         logits = np.concatenate([raw["with_metadata"][isic], raw["no_metadata"][isic]])

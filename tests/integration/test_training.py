@@ -136,3 +136,23 @@ def test_evaluate_writes_the_report_and_agrees_with_training(
     assert all(d["ham10000"] + d["isic2020"] + d["isic_archive"] == d["n"] for d in diagnoses)
     committed = (BUNDLE / "docs" / "evaluation" / "report.md").read_text()
     assert (out / "report.md").read_text() == committed
+
+
+def test_a_leave_one_clinic_out_fold_never_trains_on_its_clinic(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """A smoke fold of both stages (224 px, then the larger fine-tuning input)."""
+    from training.leave_one_clinic_out import fold_summary, run_fold
+
+    report = run_fold("rosendahl", 1, 1, tmp_path, str(shared_data), max_images=48, max_steps=3)
+    assert report["held_out_clinic"] == "rosendahl"
+    assert set(report["subsets"]) == {"all", "ham10000"}  # the validation set: one clinic
+    summary = fold_summary(report)
+    assert summary["n"] == report["n_validation"] > 0
+    assert summary["n"] + report["n_train"] == 48  # the smoke draw: 8 per source and class
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "rosendahl" / "training_log.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert [(e["epoch"], e["image_size"]) for e in log] == [(1, 224), (2, 288)]
