@@ -419,6 +419,18 @@ class SqliteStateStore:
                 "UPDATE instances SET state = 'failed', error = ? WHERE sop_instance_uid = ?",
                 [(error, uid) for uid, error in failed],
             )
+            # A round that is over forgets its timers: instances arriving later start a new
+            # round, with its own wait for the FHIR server (a parked study keeps its record).
+            done = [uid for uid in reported] + [uid for uid, _ in failed]
+            db.executemany(
+                """DELETE FROM studies WHERE parked_at IS NULL AND study_instance_uid = (
+                       SELECT study_instance_uid FROM instances WHERE sop_instance_uid = ?)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM instances i
+                       WHERE i.study_instance_uid = studies.study_instance_uid
+                         AND i.state = 'received')""",
+                [(uid,) for uid in done],
+            )
 
     def due_outbox(self, now: float, limit: int) -> list[OutboxItem]:
         with self._lock:

@@ -399,3 +399,29 @@ def test_a_parked_delivery_names_its_destination_and_study(store: SqliteStateSto
             STUDY,
         )
     ]
+
+
+def test_instances_after_a_study_was_scored_start_a_new_round_with_fresh_timers(
+    store: SqliteStateStore,
+) -> None:
+    store.record_instance(_row("1.1"), "a", 1.0)
+    store.close_association("a", 1.0)
+    store.postpone_study(STUDY, until=5.0, first_try=2.0)  # waited for the FHIR server
+    store.complete(reported=["1.1"], failed=[], outbox=[], now=30.0)
+    assert store.first_try(STUDY) is None  # the round is over
+    store.record_instance(_row("1.2"), "b", 100.0)  # the study grows
+    assert store.ready_studies(now=200.0, stable_seconds=0) == []  # association b still open
+    store.close_association("b", 101.0)
+    assert store.ready_studies(now=101.5, stable_seconds=2) == []  # its own quiet period
+    assert store.ready_studies(now=103.0, stable_seconds=2) == [STUDY]
+    assert [r.sop_instance_uid for r in store.pending_instances(STUDY)] == ["1.2"]
+    assert store.first_try(STUDY) is None  # a new FHIR wait starts at its first try
+
+
+def test_a_round_still_in_progress_keeps_its_timers(store: SqliteStateStore) -> None:
+    store.record_instance(_row("1.1"), "a", 1.0)
+    store.record_instance(_row("1.2"), "a", 1.0)
+    store.close_association("a", 1.0)
+    store.postpone_study(STUDY, until=5.0, first_try=2.0)
+    store.complete(reported=["1.1"], failed=[], outbox=[], now=30.0)  # one image at a time
+    assert store.first_try(STUDY) == 2.0
