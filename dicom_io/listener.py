@@ -50,7 +50,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_io.images import DECODABLE_SYNTAXES, SopClass
 from dicom_io.status import (
     DECODE_ERRORS,
+    ImplausibleImageError,
     InconsistentDatasetError,
+    InstanceTooLargeError,
     MissingAttributeError,
     SopClassMismatchError,
     StoreStatus,
@@ -74,6 +76,8 @@ TRANSFER_SYNTAXES: tuple[str, ...] = tuple(sorted(DECODABLE_SYNTAXES))
 VERIFICATION = UID("1.2.840.10008.1.1")
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
 _UID_TAGS = [Tag(keyword) for keyword in _UID_KEYWORDS]
+_SIZE_KEYWORDS = ("Rows", "Columns", "NumberOfFrames")
+_READ_TAGS = _UID_TAGS + [Tag(keyword) for keyword in _SIZE_KEYWORDS]
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _RJ_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognized
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
@@ -90,12 +94,18 @@ class AssociationLimits:
     total: int = 10
     per_peer: int = 4
     idle_timeout: float = 15.0
+    # Refused before anything is decoded: more bytes than this (0xA700), or a header claiming
+    # more pixels (Rows x Columns x frames) than this (0xC000: not a photograph we can score).
+    max_instance_bytes: int = 100 * 1024 * 1024
+    max_pixels: int = 100_000_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.per_peer <= self.total:
             raise ValueError("need 1 <= per_peer <= total")
         if self.idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0 seconds")
+        if self.max_instance_bytes < 1 or self.max_pixels < 1:
+            raise ValueError("max_instance_bytes and max_pixels must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -297,7 +307,7 @@ class StorageListener:
         calling_ae = str(assoc.requestor.ae_title)
         sop_instance = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
         try:
-            instance = _received_instance(event, calling_ae, association_id)
+            instance = _received_instance(event, calling_ae, association_id, self._limits)
             self._sink.accept(instance)
         except Exception as exc:  # noqa: BLE001 - the one place failures become a status
             status = status_for(exc)
@@ -322,16 +332,31 @@ def _is_open(assoc: Association) -> bool:
     return assoc.is_alive() and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
 
 
-def _received_instance(event: Event, calling_ae: str, association_id: str) -> ReceivedInstance:
-    """The encoded instance plus its three UIDs, checked against the command and context."""
+def _received_instance(
+    event: Event, calling_ae: str, association_id: str, limits: AssociationLimits
+) -> ReceivedInstance:
+    """The encoded instance plus its three UIDs, checked against the command and context, and
+    against the size limits before anything else is decoded."""
     request = cast(C_STORE, event.request)
     encoded = event.encoded_dataset()
+    if len(encoded) > limits.max_instance_bytes:
+        raise InstanceTooLargeError(
+            f"data set of {len(encoded) // 1024 // 1024} MiB is larger than the "
+            f"{limits.max_instance_bytes // 1024 // 1024} MiB allowed (listener.max_instance_mb)"
+        )
     try:
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_UID_TAGS)
+        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_READ_TAGS)
         uids = {keyword: str(ds.get(keyword, "") or "").strip() for keyword in _UID_KEYWORDS}
-    except DECODE_ERRORS as exc:
+        rows, columns = (int(ds.get(k) or 0) for k in ("Rows", "Columns"))
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (*DECODE_ERRORS, TypeError) as exc:
         reason = " ".join(str(exc).split())
         raise UndecodableDatasetError(f"data set does not decode: {reason}") from exc
+    if rows * columns * max(frames, 1) > limits.max_pixels:
+        raise ImplausibleImageError(
+            f"Rows x Columns x frames = {rows} x {columns} x {frames} is more than the "
+            f"{limits.max_pixels} pixels allowed (listener.max_pixels)"
+        )
     for keyword, tag in zip(_UID_KEYWORDS, _UID_TAGS, strict=True):
         if not uids[keyword]:
             raise MissingAttributeError(keyword, str(tag))

@@ -28,6 +28,8 @@ from dicom_io.images import UnsupportedInstanceError
 
 __all__ = [
     "DECODE_ERRORS",
+    "ImplausibleImageError",
+    "InstanceTooLargeError",
     "InconsistentDatasetError",
     "MissingAttributeError",
     "SopClassMismatchError",
@@ -76,6 +78,15 @@ class UndecodableDatasetError(ValueError):
     """The received bytes do not parse as a data set in the negotiated transfer syntax."""
 
 
+class InstanceTooLargeError(ValueError):
+    """More bytes than the listener takes: refused (0xA700) before anything is decoded."""
+
+
+class ImplausibleImageError(ValueError):
+    """A header claiming more pixels than any photograph we score: refused (0xC000) before
+    the pixel data is touched."""
+
+
 # What pydicom's reader raises on truncated or garbled input (zlib: bad deflate stream).
 DECODE_ERRORS: tuple[type[Exception], ...] = (
     EOFError,
@@ -98,9 +109,10 @@ def status_for(exc: BaseException) -> StoreStatus:
         MissingAttributeError
         | InconsistentDatasetError
         | UndecodableDatasetError
+        | ImplausibleImageError
         | UnsupportedInstanceError,
     ):
         return StoreStatus.CANNOT_UNDERSTAND
-    if isinstance(exc, OSError | MemoryError | sqlite3.OperationalError):
+    if isinstance(exc, OSError | MemoryError | sqlite3.OperationalError | InstanceTooLargeError):
         return StoreStatus.OUT_OF_RESOURCES
     return StoreStatus.PROCESSING_FAILURE

@@ -33,6 +33,8 @@ class ListenerSettings:
     max_associations: int = 10
     max_associations_per_peer: int = 4
     idle_timeout_seconds: float = 15.0
+    max_instance_mb: int = 100
+    max_pixels: int = 100_000_000
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
     tls_ca_certificates: Path | None = None
@@ -142,6 +144,8 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "max_associations": int,
         "max_associations_per_peer": int,
         "idle_timeout_seconds": (int, float),
+        "max_instance_mb": int,
+        "max_pixels": int,
         "tls_certificate": str,
         "tls_private_key": str,
         "tls_ca_certificates": str,
@@ -281,6 +285,8 @@ def _listener(raw: dict[str, Any], base: Path) -> ListenerSettings:
         idle_timeout_seconds=_positive(
             "listener.idle_timeout_seconds", raw["idle_timeout_seconds"]
         ),
+        max_instance_mb=_positive_count("listener.max_instance_mb", raw["max_instance_mb"]),
+        max_pixels=_positive_count("listener.max_pixels", raw["max_pixels"]),
         **tls,
     )
 

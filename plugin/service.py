@@ -344,6 +344,8 @@ class DermfusionService:
                 total=listener.max_associations,
                 per_peer=listener.max_associations_per_peer,
                 idle_timeout=listener.idle_timeout_seconds,
+                max_instance_bytes=listener.max_instance_mb * MIB,
+                max_pixels=listener.max_pixels,
             ),
             ssl_context=listener_tls_context(listener),
             sink=SpoolSink(storage.spool, self.store, watermark=self.watermark),

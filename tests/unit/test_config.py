@@ -31,6 +31,7 @@ def test_embedded_defaults_have_no_pacs_and_no_fhir(tmp_path: Path) -> None:
     assert settings.saliency.secondary_capture is False
     assert settings.study.max_attempts == 3 and settings.outbox.max_attempts == 10
     assert settings.storage.min_free_mb == 512
+    assert (settings.listener.max_instance_mb, settings.listener.max_pixels) == (100, 10**8)
     assert (settings.retention.keep_days, settings.retention.pass_minutes) == (30, 60)
 
 
@@ -96,6 +97,8 @@ keep_days = 90
         ),
         ("[listener]\nidle_timeout_seconds = 0\n", "listener.idle_timeout_seconds must be > 0"),
         ("[storage]\nmin_free_mb = -1\n", "storage.min_free_mb must be >= 0"),
+        ("[listener]\nmax_instance_mb = 0\n", "listener.max_instance_mb must be >= 1"),
+        ("[listener]\nmax_pixels = 1.5\n", "listener.max_pixels has the wrong type"),
         ("[storage]\nmin_free_mb = 0.5\n", "storage.min_free_mb has the wrong type"),
         ("[retention]\nkeep_days = -1\n", "retention.keep_days must be >= 0"),
         ("[retention]\npass_minutes = 0\n", "retention.pass_minutes must be > 0"),

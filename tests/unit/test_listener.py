@@ -601,3 +601,56 @@ def test_a_silent_tls_peer_does_not_stop_others_being_accepted(
         )
         assert ok.returncode == 0, ok.stderr
         assert time.monotonic() - started < 4  # not held up until the silent one is dropped
+
+
+# Size limits: checked before anything beyond the UIDs and the image size is decoded.
+
+
+def test_a_data_set_larger_than_the_limit_is_refused_before_decoding(
+    sink: RecordingSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    limits = AssociationLimits(max_instance_bytes=4096)
+    ds = pydicom.dcmread(DMS_FILE)  # about 19 KiB
+    with (
+        caplog.at_level(logging.WARNING, logger="dicom_io.listener"),
+        StorageListener(ae_title=AE_TITLE, port=0, sink=sink, limits=limits) as listener,
+    ):
+        status = _c_store_status(
+            listener.port, ds, (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit])
+        )
+    assert (status, StoreStatus(status).name) == (0xA700, "OUT_OF_RESOURCES")
+    assert sink.instances == []
+    assert "MiB allowed (listener.max_instance_mb)" in caplog.text
+
+
+@pytest.mark.parametrize(("rows", "columns", "frames"), [(65535, 65535, 1), (4000, 3000, 20)])
+def test_an_absurd_image_size_is_refused_before_its_pixels_are_touched(
+    sink: RecordingSink, caplog: pytest.LogCaptureFixture, rows: int, columns: int, frames: int
+) -> None:
+    ds = pydicom.dcmread(DMS_FILE)
+    ds.Rows, ds.Columns = rows, columns
+    ds.NumberOfFrames = frames
+    with (
+        caplog.at_level(logging.WARNING, logger="dicom_io.listener"),
+        StorageListener(ae_title=AE_TITLE, port=0, sink=sink) as listener,
+    ):
+        status = _c_store_status(
+            listener.port, ds, (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit])
+        )
+    assert (status, StoreStatus(status).name) == (0xC000, "CANNOT_UNDERSTAND")
+    assert sink.instances == []
+    assert (
+        f"Rows x Columns x frames = {rows} x {columns} x {frames} is more than the 100000000 "
+        "pixels allowed (listener.max_pixels)"
+    ) in caplog.text
+
+
+def test_an_image_within_the_limits_is_taken(sink: RecordingSink) -> None:
+    limits = AssociationLimits(max_instance_bytes=64 * 1024, max_pixels=1024 * 1024)
+    with StorageListener(ae_title=AE_TITLE, port=0, sink=sink, limits=limits) as listener:
+        status = _c_store_status(
+            listener.port,
+            pydicom.dcmread(DMS_FILE),
+            (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit]),
+        )
+    assert status == StoreStatus.SUCCESS and len(sink.instances) == 1
