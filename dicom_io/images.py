@@ -137,6 +137,15 @@ def image_from_dataset(ds: Dataset, name: str) -> DermoscopyImage:
     return DermoscopyImage(rgb=rgb, ref=ref, dataset=_header(ds))
 
 
+def _shown(value: object) -> str:
+    """A header value as a reason may quote it: short printable text, else said malformed (a
+    garbled value would put random bytes in the log)."""
+    text = str(value) if value not in (None, "") else "(none)"
+    if len(text) <= 16 and text.isascii() and text.isprintable():
+        return text
+    return "(malformed)"
+
+
 def _meta(ds: Dataset, keyword: str) -> str:
     meta = getattr(ds, "file_meta", None)
     return str(meta.get(keyword, "")) if meta is not None else ""
@@ -181,7 +190,7 @@ def _rgb(ds: Dataset, name: str) -> np.ndarray:
     bits = ds.get("BitsAllocated")
     if bits != 8:
         raise UnsupportedInstanceError(
-            name, f"Bits Allocated {bits} is not supported (8-bit images only)"
+            name, f"Bits Allocated {_shown(bits)} is not supported (8-bit images only)"
         )
     for keyword in ("Rows", "Columns"):
         if not ds.get(keyword):
@@ -194,8 +203,8 @@ def _rgb(ds: Dataset, name: str) -> np.ndarray:
     if not supported:
         raise UnsupportedInstanceError(
             name,
-            f"Photometric Interpretation {photometric or '(none)'} with "
-            f"{samples} samples per pixel is not supported",
+            f"Photometric Interpretation {_shown(photometric)} with "
+            f"{_shown(samples)} samples per pixel is not supported",
         )
     try:
         if ts in _PILLOW_JPEG:
