@@ -2,7 +2,8 @@
 
 The card (``monai_bundle/docs/README.md``) holds prose and, between ``<!-- generated:NAME -->``
 and ``<!-- /generated -->`` markers, tables this module writes from
-``models/validation_metrics.json`` and ``docs/evaluation/metrics.json``:
+``models/validation_metrics.json``, ``docs/evaluation/metrics.json`` and
+``docs/leave_one_clinic_out.json``:
 
     python -m training.model_card            # rewrite the tables in place
     python -m training.model_card --check    # exit 1 if the card is stale (the tests do this)
@@ -103,11 +104,32 @@ def ablation_table(trained: dict[str, Any], evaluation: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def leave_one_clinic_out_table(trained: dict[str, Any], evaluation: dict[str, Any]) -> str:
+    path = BUNDLE / "docs" / "leave_one_clinic_out.json"
+    folds = json.loads(path.read_text())["folds"] if path.exists() else []
+    lines = [
+        "| clinic left out | n (melanoma) | epochs | minutes | AUC with metadata (95% CI) "
+        "| AUC metadata withheld (95% CI) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for fold in folds:
+        epochs = f"{fold['epochs']}" + (
+            f" + {fold['fine_tune_epochs']} larger" if fold["fine_tune_epochs"] else ""
+        )
+        lines.append(
+            f"| {fold['held_out_clinic']} | {fold['n']} ({fold['n_melanoma']}) | {epochs} | "
+            f"{fold['training_minutes']:.0f} | {_ci(fold['with_metadata'])} | "
+            f"{_ci(fold['no_metadata'])} |"
+        )
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]] = {
     "validation": validation_table,
     "isic_operating_point": isic_operating_table,
     "epochs": epochs_table,
     "ablation": ablation_table,
+    "leave_one_clinic_out": leave_one_clinic_out_table,
 }
 
 
