@@ -26,7 +26,11 @@ class RedactQuotedValues(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if any(record.name == n or record.name.startswith(f"{n}.") for n in LIBRARY_LOGGERS):
-            record.msg = _QUOTED.sub("'…'", record.getMessage())
+            try:
+                text = record.getMessage()
+            except Exception:  # noqa: BLE001 - a filter that raises would break the caller
+                text = f"{record.msg!s:.80} (arguments not shown)"
+            record.msg = _QUOTED.sub("'…'", text)
             record.args = None
             record.exc_info = None  # a traceback's last line quotes the exception's text
             record.exc_text = None

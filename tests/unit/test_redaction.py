@@ -67,3 +67,11 @@ def test_a_malformed_value_read_leaves_no_trace_of_itself(root_stream: io.String
     assert "copied PatientName '…' as is" in text
     assert "highdicom.base: value '…' is unusual" in text
     assert MARKER not in text
+
+
+def test_a_library_record_that_cannot_be_formatted_is_still_logged_without_its_arguments() -> None:
+    record = logging.LogRecord(
+        "pydicom", logging.WARNING, __file__, 1, "value %s and %s", (f"'{MARKER}'",), None
+    )
+    assert RedactQuotedValues().filter(record)
+    assert record.getMessage() == "value %s and %s (arguments not shown)"

@@ -180,3 +180,22 @@ def test_a_full_state_database_is_out_of_resources_not_a_processing_failure() ->
     assert status_for(sqlite3.OperationalError("database or disk is full")) == 0xA700
     assert status_for(sqlite3.OperationalError("database is locked")) == 0xA700
     assert status_for(sqlite3.IntegrityError("UNIQUE constraint failed")) == 0x0110
+
+
+def test_the_spool_refuses_an_instance_below_the_watermark_and_records_nothing(
+    store: SqliteStateStore, tmp_path: Path
+) -> None:
+    from dicom_io.listener import ReceivedInstance
+    from plugin.service import SpoolSink
+
+    spool = tmp_path / "spool"
+    instance = ReceivedInstance(b"DICM", VLP, "1.1.1", "1.1", "MODALITY", "assoc")
+    full = SpoolSink(spool, store, watermark=FreeSpaceWatermark(tmp_path, 1 << 60))
+    with pytest.raises(LowDiskSpaceError) as refused:
+        full.accept(instance)
+    assert status_for(refused.value) is StoreStatus.OUT_OF_RESOURCES
+    assert not (spool / "1.1").exists() and not store.knows_study("1.1")
+    roomy = SpoolSink(spool, store, watermark=FreeSpaceWatermark(tmp_path, 1))
+    roomy.accept(instance)
+    assert (spool / "1.1" / "1.1.1.dcm").read_bytes() == b"DICM"
+    assert store.knows_study("1.1")
