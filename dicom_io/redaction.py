@@ -41,6 +41,9 @@ def keep_values_out_of_logs() -> None:
     """For a process that logs: no validation on read, warnings logged, library records
     redacted on every handler of the root logger (call after logging is configured)."""
     config.settings.reading_validation_mode = config.IGNORE
+    # Off, then on: captureWarnings(True) does nothing when an earlier call left it on, even if
+    # warnings.showwarning has since been replaced (by a test harness, say).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactQuotedValues) for f in handler.filters):
