@@ -11,10 +11,9 @@ from __future__ import annotations
 import errno
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
 
 import pydicom
 import pytest
@@ -23,27 +22,14 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from plugin.domain import SiteCode
 from tests.conftest import SAMPLES, require_tool
-from tests.integration.dermfusion_process import DermfusionProcess, running_dermfusion
+from tests.integration.dermfusion_process import DermfusionProcess, eventually, running_dermfusion
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
-T = TypeVar("T")
 
 
 def _mount_namespaces() -> bool:
     return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
-
-
-def _eventually(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _study(folder: Path, name: str) -> tuple[str, Path]:
@@ -129,7 +115,7 @@ def test_a_nearly_full_disk_refuses_and_a_full_one_loses_nothing(tmp_path: Path)
         outbox = volume / "outbox"
         first_uid, first = _study(tmp_path, "first")
         assert _storescu(service, first).returncode == 0
-        _eventually(lambda: _srs(outbox, first_uid), 60, "the first study's SR")
+        eventually(lambda: _srs(outbox, first_uid), 60, "the first study's SR")
 
         # below the watermark: the association is refused with its reason, nothing half-taken
         filler = _fill(volume, leave_bytes=4 * MIB)
@@ -150,10 +136,10 @@ def test_a_nearly_full_disk_refuses_and_a_full_one_loses_nothing(tmp_path: Path)
         filler.unlink()
 
         # space is back: the postponed study is reported, new studies are taken again
-        _eventually(lambda: _srs(outbox, late_uid), 90, "the postponed study's SR")
+        eventually(lambda: _srs(outbox, late_uid), 90, "the postponed study's SR")
         after_uid, after = _study(tmp_path, "after")
         assert _storescu(service, after).returncode == 0
-        _eventually(lambda: _srs(outbox, after_uid), 60, "the SR of a study sent afterwards")
+        eventually(lambda: _srs(outbox, after_uid), 60, "the SR of a study sent afterwards")
 
         for study_uid in (first_uid, late_uid, after_uid):
             assert len(_srs(outbox, study_uid)) == 1
@@ -176,7 +162,7 @@ def test_retention_deletes_what_is_over_and_keeps_the_only_copy_of_a_result(
         storage = service.workdir / "var"
         study_uid, path = _study(tmp_path, "kept")
         assert _storescu(service, path).returncode == 0
-        (sr,) = _eventually(lambda: _srs(storage / "outbox", study_uid), 60, "the SR")
+        (sr,) = eventually(lambda: _srs(storage / "outbox", study_uid), 60, "the SR")
         assert (storage / "spool" / study_uid).is_dir()
         service.wait_for_log("retention: removed 1 studies", timeout=30)
         assert not (storage / "spool" / study_uid).exists()

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import time
-from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import pydicom
@@ -28,7 +25,7 @@ from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from fhir_io.reports import STUDY_UID_SYSTEM
 from plugin.domain import SiteCode
 from tests.conftest import SAMPLES, dermfusion_command, require_tool
-from tests.integration.dermfusion_process import running_dermfusion
+from tests.integration.dermfusion_process import eventually, running_dermfusion
 
 pytestmark = pytest.mark.integration
 PATIENT_SYSTEM = "urn:dermfusion:patient-id"
@@ -36,7 +33,6 @@ PATIENT_SYSTEM = "urn:dermfusion:patient-id"
 NAME_MARK = "Zqphiname"
 ID_MARK = "ZQPHIID"
 BIRTH_MARKS = ("19740105", "1974-01-05", "19700230", "1970XX01")
-T = TypeVar("T")
 
 # Header values per study: marked and well-formed, then each kind of malformed value.
 VARIANTS: dict[str, dict[str, str]] = {
@@ -52,16 +48,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "age-garbled": {"PatientAge": "0X5Y"},
     "study-date-garbled": {"StudyDate": "2024XX16"},
 }
-
-
-def _eventually(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _marked_study(folder: Path, variant: str, changes: dict[str, str]) -> tuple[str, Path]:
@@ -121,7 +107,7 @@ def test_marked_and_malformed_identifiers_reach_the_reports_and_nothing_else(
         assert run.returncode == 0, run.stderr
         for variant, (study_uid, _) in studies.items():
             service.wait_for_log(f"study={study_uid}: scored 1 image(s)", timeout=120)
-            reports = _eventually(
+            reports = eventually(
                 lambda uid=study_uid: _diagnostic_reports(fhir_base_url, uid),
                 60,
                 f"the DiagnosticReport of the {variant} study",

@@ -11,10 +11,10 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pydicom
@@ -30,6 +30,7 @@ from plugin.domain import SiteCode
 from tests.conftest import SAMPLES, dermfusion_command, require_tool
 from tests.integration.dermfusion_process import (
     DermfusionProcess,
+    eventually,
     free_port,
     running_dermfusion,
     write_config,
@@ -39,17 +40,6 @@ from tests.integration.orthanc_server import OrthancServer, in_private_network, 
 pytestmark = pytest.mark.integration
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 PATIENT_SYSTEM = "urn:dermfusion:patient-id"
-T = TypeVar("T")
-
-
-def _eventually(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +150,14 @@ def test_study_routed_by_orthanc_gets_its_sr_and_diagnostic_report(
 ) -> None:
     study_uid, files = _study(tmp_path, "DF-IT-0001", age="058Y", sex="M", images=2)
     _storescu(orthanc.aet, orthanc.dicom_port, files)
-    srs = _eventually(
+    srs = eventually(
         lambda: (s := _srs_in_orthanc(orthanc, study_uid)) and len(s) == 2 and s,
         90,
         "two SRs in the study in Orthanc",
     )
     sources = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
     assert {sr.source_sop_instance_uid for sr in srs} == sources
-    captures = _eventually(
+    captures = eventually(
         lambda: (c := _captures_in_orthanc(orthanc, study_uid)) and len(c) == 2 and c,
         60,
         "two saliency Secondary Captures in the study in Orthanc",
@@ -178,7 +168,7 @@ def test_study_routed_by_orthanc_gets_its_sr_and_diagnostic_report(
         assert capture.PatientID == "DF-IT-0001"
     assert {c.SourceImageSequence[0].ReferencedSOPInstanceUID for c in captures} == sources
     assert all(sr.age == 58.0 and sr.sources["age"] == "dicom:PatientAge" for sr in srs)
-    found = _eventually(
+    found = eventually(
         lambda: (
             (r := _reports_for_study(fhir_base_url, study_uid))
             and sum(x["resourceType"] == "DiagnosticReport" for x in r) == 2
@@ -216,7 +206,7 @@ def test_missing_age_and_sex_are_taken_from_the_fhir_patient(
     ehr_patient = f"Patient/{created.json()['id']}"
     study_uid, files = _study(tmp_path, "DF-IT-0002", age=None, sex=None)
     _storescu(service.ae_title, service.port, files)
-    (sr,) = _eventually(lambda: _srs_in_orthanc(orthanc, study_uid), 60, "the SR in Orthanc")
+    (sr,) = eventually(lambda: _srs_in_orthanc(orthanc, study_uid), 60, "the SR in Orthanc")
     assert (sr.age, sr.sex) == (62.0, "female")  # born 1961-03-10, studied 2024-01-16
     assert sr.sources == {
         "age": "fhir:Patient.birthDate",
@@ -224,7 +214,7 @@ def test_missing_age_and_sex_are_taken_from_the_fhir_patient(
         "site": "dicom:AnatomicRegionSequence",
     }
     # The report's subject is the Patient the EHR returned for the identifier.
-    found = _eventually(
+    found = eventually(
         lambda: _reports_for_study(fhir_base_url, study_uid), 60, "the DiagnosticReport"
     )
     (report,) = [r for r in found if r["resourceType"] == "DiagnosticReport"]
@@ -243,7 +233,7 @@ def test_sr_waits_for_a_stopped_pacs_and_is_delivered_when_it_is_back(
         service.wait_for_log("to pacs failed (attempt 2)", timeout=60)
     finally:
         orthanc.start()
-    (sr,) = _eventually(lambda: _srs_in_orthanc(orthanc, study_uid), 60, "the SR after restart")
+    (sr,) = eventually(lambda: _srs_in_orthanc(orthanc, study_uid), 60, "the SR after restart")
     assert sr.source_sop_instance_uid == pydicom.dcmread(files[0]).SOPInstanceUID
 
 
@@ -262,12 +252,12 @@ def test_sigkill_after_ack_then_restart_reports_exactly_once(
         assert f"study={study_uid}" not in service.log_text()
         service.start()
         service.wait_for_log(f"study={study_uid}: scored 2 image(s)", timeout=60)
-        srs = _eventually(
+        srs = eventually(
             lambda: (s := _srs_in_orthanc(orthanc, study_uid)) and len(s) == 2 and s,
             60,
             "two SRs in Orthanc",
         )
-        reports = _eventually(
+        reports = eventually(
             lambda: [
                 r
                 for r in _reports_for_study(fhir_base_url, study_uid)
@@ -313,7 +303,7 @@ def test_a_corrupt_outbox_item_is_parked_and_the_good_studies_behind_it_are_deli
         for _, files in good:
             _storescu(service.ae_title, service.port, files)
         for (study_uid, _files), count in zip(good, (1, 2, 3), strict=True):
-            _eventually(
+            eventually(
                 lambda uid=study_uid, n=count: len(_srs_in_orthanc(orthanc, uid)) == n,
                 90,
                 f"{count} SR(s) of a good study in Orthanc",
@@ -360,8 +350,8 @@ def test_resend_delivers_a_studys_reports_again_without_duplicates(
     and one saliency capture, the FHIR server one DiagnosticReport."""
     study_uid, files = _study(tmp_path, "DF-IT-0020", age="063Y", sex="F")
     _storescu(service.ae_title, service.port, files)
-    _eventually(lambda: len(_srs_in_orthanc(orthanc, study_uid)) == 1, 90, "the SR in Orthanc")
-    first = _eventually(
+    eventually(lambda: len(_srs_in_orthanc(orthanc, study_uid)) == 1, 90, "the SR in Orthanc")
+    first = eventually(
         lambda: (
             (o := _outbox_of_study(service, study_uid)) and len(o) == 3 and all(o.values()) and o
         ),
@@ -374,7 +364,7 @@ def test_resend_delivers_a_studys_reports_again_without_duplicates(
     resend = _dermfusion(service, "resend", study_uid)
     assert resend.returncode == 0, resend.stderr
     assert resend.stdout == f"resend {study_uid}: 3 deliveries re-queued (fhir 1, pacs 2)\n"
-    _eventually(
+    eventually(
         lambda: all((at or 0) >= resent_at for at in _outbox_of_study(service, study_uid).values()),
         60,
         "all three delivered again",
