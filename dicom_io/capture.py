@@ -14,8 +14,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.images import SALIENCY_IMAGE_TYPE
-from dicom_io.sr import MANUFACTURER, copyable_header, derived_uid
-from plugin.domain import ImageRef, ModelIdentity
+from dicom_io.sr import MANUFACTURER, algorithm_equipment, copyable_header
+from plugin.domain import ImageRef, ModelIdentity, derived_uid
 
 SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SERIES_NUMBER = 9902
@@ -69,6 +69,7 @@ class SaliencyCaptureWriter:
             "source image (red: pushed the probability up). Decision support, not a diagnosis."
         )
         capture.SourceImageSequence = DicomSequence([_source_reference(ref)])
+        capture.ContributingEquipmentSequence = [algorithm_equipment(model, self.manufacturer)]
         return capture
 
 

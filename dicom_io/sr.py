@@ -12,7 +12,6 @@ high-sensitivity threshold many positives are benign, and a PACS shows the code 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -27,7 +26,14 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DT, TM, validate_value
 
-from plugin.domain import Demographics, Finding, ImageRef, ModelIdentity, Source
+from plugin.domain import (
+    Demographics,
+    Finding,
+    ImageRef,
+    ModelIdentity,
+    Source,
+    derived_uid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +67,13 @@ SOURCE_CODES = {
     "sex": Code("sex-source", PRIVATE_SCHEME, "Source of subject sex"),
     "site": Code("site-source", PRIVATE_SCHEME, "Source of lesion site"),
 }
+# IHE AI Results: the algorithm in the Contributing Equipment Sequence, purpose of reference
+# "Processing Algorithm" (AIR's own code, pending one in DICOM's CID 7005), and the Grad-CAM
+# Secondary Capture referenced from the measurement group as a visual explanation.
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
+VISUAL_EXPLANATION = Code("130401", "DCM", "Visual explanation")
 SERIES_NUMBER = 9901
 MANUFACTURER = "dermfusion"
-UID_PREFIX = "2.25."
-
-
-def derived_uid(*parts: str) -> str:
-    """A UID that is a pure function of ``parts``: a 128-bit hash under the 2.25 (UUID) root.
-
-    pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and is random, which
-    would make every resend a new instance.
-    """
-    digest = hashlib.sha256("\x00".join(parts).encode()).digest()[:16]
-    return UID_PREFIX + str(int.from_bytes(digest, "big"))
-
-
 def sr_instance_uid(source: ImageRef, model: ModelIdentity) -> str:
     """Same source image and model version → same SR SOP Instance UID (so resends overwrite)."""
     return derived_uid("sr", source.sop_instance_uid, model.name, model.version)
@@ -111,8 +109,11 @@ class MeasurementReportWriter:
         ref: ImageRef,
         finding: Finding,
         demographics: Demographics,
+        visual_explanation: Dataset | None = None,
     ) -> hd.sr.Comprehensive3DSR:
-        """``source`` is the image header (no pixels needed): patient and study come from it."""
+        """``source`` is the image header (no pixels needed): patient and study come from it.
+        ``visual_explanation``, the Grad-CAM Secondary Capture sent with the SR, is referenced
+        from the measurement group (only pass one that is sent: the reference must resolve)."""
         if not 0.0 <= finding.probability <= 1.0:
             raise ValueError(f"finding.probability {finding.probability} is outside 0..1")
         model = finding.model
@@ -197,6 +198,15 @@ class MeasurementReportWriter:
             ],
         )
         container = group[0]
+        if visual_explanation is not None:
+            container.ContentSequence.append(
+                hd.sr.ImageContentItem(
+                    name=VISUAL_EXPLANATION,
+                    referenced_sop_class_uid=visual_explanation.SOPClassUID,
+                    referenced_sop_instance_uid=visual_explanation.SOPInstanceUID,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
         for field, sourced in (
             ("age", demographics.age),
             ("sex", demographics.sex),
@@ -211,7 +221,7 @@ class MeasurementReportWriter:
             observer_device_context=hd.sr.ObserverContext(
                 observer_type=codes.cid270.Device,
                 observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                    uid=derived_uid("device", model.name, model.version),
+                    uid=model.device_uid,
                     name=model.name,
                     manufacturer_name=self.manufacturer,
                     model_name=f"{model.name} {model.version}",
@@ -223,8 +233,11 @@ class MeasurementReportWriter:
             procedure_reported=EVALUATION_PROCEDURE,
             imaging_measurements=[group],
         )
+        evidence = [copyable_header(source)]
+        if visual_explanation is not None:
+            evidence.append(visual_explanation)
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[copyable_header(source)],
+            evidence=evidence,
             content=report[0],
             series_instance_uid=sr_series_uid(ref.study_instance_uid, model),
             series_number=self.series_number,
@@ -235,8 +248,25 @@ class MeasurementReportWriter:
             is_final=True,
             series_description=f"{model.name} {model.version} melanoma risk",
         )
-        sr.CodingSchemeIdentificationSequence = [_private_scheme()]
+        sr.CodingSchemeIdentificationSequence = [_private_scheme(), _ihe_scheme()]
+        sr.ContributingEquipmentSequence = [algorithm_equipment(model, self.manufacturer)]
         return sr
+
+
+def algorithm_equipment(model: ModelIdentity, manufacturer: str = MANUFACTURER) -> Dataset:
+    """The algorithm as an item of the Contributing Equipment Sequence (IHE AIR)."""
+    item = Dataset()
+    purpose = Dataset()
+    purpose.CodeValue = PROCESSING_ALGORITHM.value
+    purpose.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme_designator
+    purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.Manufacturer = manufacturer
+    item.ManufacturerModelName = model.name[:64]
+    item.SoftwareVersions = model.version[:64]
+    item.DeviceUID = model.device_uid
+    item.ContributionDescription = "Melanoma probability from dermoscopy and demographics (AI)"
+    return item
 
 
 # Type 2 Patient and Study attributes highdicom copies into the SR: present (maybe empty) in a
@@ -337,6 +367,14 @@ def _valid_copy(source: Dataset, keyword: str) -> bool:
     return True
 
 
+def _ihe_scheme() -> Dataset:
+    item = Dataset()
+    item.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme_designator
+    item.CodingSchemeName = "IHE temporary codes"
+    item.CodingSchemeResponsibleOrganization = "IHE"
+    return item
+
+
 def _private_scheme() -> Dataset:
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -362,6 +400,8 @@ class ReportedFinding:
     attributions: dict[str, float]
     lesion_area_fraction: float | None
     lesion_area_mm2: float | None
+    device_uid: str | None = None  # the algorithm's, from the Contributing Equipment Sequence
+    visual_explanation_uid: str | None = None  # the Grad-CAM Secondary Capture, when referenced
 
 
 def _walk(items: Dataset | list[Dataset]):  # type: ignore[no-untyped-def]
@@ -404,7 +444,14 @@ def read_reported_finding(sr: Dataset) -> ReportedFinding:
         raise ValueError(f"SR has no melanoma decision (SCT 1162635006 = {decision!r})")
     sex_code = coded(SUBJECT_SEX)
     site = values.get(("363698007", "SCT"))  # Finding Site
-    source_image = next(i for i in _walk(sr.ContentSequence) if i.ValueType == "IMAGE")
+    images = [i for i in _walk(sr.ContentSequence) if i.ValueType == "IMAGE"]
+    explanation = values.get((VISUAL_EXPLANATION.value, VISUAL_EXPLANATION.scheme_designator))
+    source_image = next(i for i in images if i is not explanation)
+    equipment = [
+        item
+        for item in sr.get("ContributingEquipmentSequence", [])
+        if item.PurposeOfReferenceCodeSequence[0].CodeValue == PROCESSING_ALGORITHM.value
+    ]
     return ReportedFinding(
         probability=probability,
         threshold=threshold,
@@ -423,4 +470,8 @@ def read_reported_finding(sr: Dataset) -> ReportedFinding:
         },
         lesion_area_fraction=num(LESION_AREA_FRACTION),
         lesion_area_mm2=num(AREA),
+        device_uid=str(equipment[0].DeviceUID) if equipment else None,
+        visual_explanation_uid=None
+        if explanation is None
+        else str(explanation.ReferencedSOPSequence[0].ReferencedSOPInstanceUID),
     )

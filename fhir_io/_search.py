@@ -20,6 +20,7 @@ def identifier_token(system: str, value: str) -> str:
     return f"{escape_search_value(system)}|{escape_search_value(value)}"
 
 
-def identifier_query(system: str, value: str) -> str:
-    """``identifier=…`` URL-encoded, as used in ``Bundle.entry.request.ifNoneExist``."""
-    return urlencode({"identifier": identifier_token(system, value)})
+def identifier_query(system: str, value: str, parameter: str = "identifier") -> str:
+    """``identifier=system|value`` (or another token ``parameter``, e.g. ``_tag``) URL-encoded,
+    as used in ``Bundle.entry.request.ifNoneExist``."""
+    return urlencode({parameter: identifier_token(system, value)})

@@ -9,8 +9,11 @@ No ``Patient``: the EHR owns patient identity and we never create one. ``subject
 sending, ``with_subject`` adds ``"reference": "Patient/<id>"`` for the Patient the EHR returns
 for that identifier, and a patient it does not know stays referenced by identifier only.
 ``Device`` — the algorithm
-    identifier ``urn:dermfusion:device|{model.name}-{model.version}``, ``deviceName`` (model-name),
-    ``version``, ``manufacturer`` "dermfusion", ``type`` DCM 123110 "Artificial Intelligence".
+    identifiers ``urn:dicom:uid|urn:oid:{model.device_uid}`` (the conditional-create key; it
+    changes with the weights, as the SR's Contributing Equipment Device UID does) and
+    ``urn:dermfusion:device|{model.name}-{model.version}``, ``deviceName`` (model-name),
+    ``version``, ``manufacturer`` "dermfusion", ``type`` DCM 123110 "Artificial Intelligence",
+    ``note`` naming the model card (HL7 AI Transparency on FHIR: model card in Device.note).
 ``Observation`` — probability
     ``code`` DCM 111047 "Probability of cancer"; ``valueQuantity`` 0..1 in UCUM ``1``;
     ``bodySite`` SNOMED site (when known); ``device``, ``subject``, ``issued``; components:
@@ -42,6 +45,12 @@ for that identifier, and a patient it does not know stays referenced by identifi
     ``urn:dicom:uid|urn:oid:{Study Instance UID}``. No ``performer``: R4 does not allow a Device
     there (the Device hangs off the Observations' ``device``).
 
+``Provenance`` — HL7 AI Transparency on FHIR
+    ``target`` the DiagnosticReport and both Observations, ``recorded`` = ``issued``,
+    ``activity`` v3 CREATE, ``agent`` (type "author") ``who`` the algorithm's Device, ``entity``
+    (role "source") the source image by its SOP Instance UID. R4 Provenance has no identifier, so
+    its conditional-create key is a ``meta.tag`` ``urn:dermfusion:provenance|{report value}``.
+
 Both Observations and the DiagnosticReport carry ``meta.security`` AIAST (v3 ObservationValue).
 Identity is per source image and model version: the same image re-scored by the same model maps
 onto the resources already there, and a new model version gets new ones.
@@ -56,6 +65,7 @@ import re
 import uuid
 from typing import Any
 
+from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.bundle import Bundle, BundleEntry, BundleEntryRequest
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.coding import Coding
@@ -65,6 +75,7 @@ from fhir.resources.R4B.extension import Extension
 from fhir.resources.R4B.identifier import Identifier
 from fhir.resources.R4B.meta import Meta
 from fhir.resources.R4B.observation import Observation, ObservationComponent
+from fhir.resources.R4B.provenance import Provenance, ProvenanceAgent, ProvenanceEntity
 from fhir.resources.R4B.quantity import Quantity
 from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.resource import Resource
@@ -94,6 +105,9 @@ DATA_ABSENT_REASON = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 DEVICE_IDENTIFIER_SYSTEM = "urn:dermfusion:device"
 REPORT_IDENTIFIER_SYSTEM = "urn:dermfusion:report"
 OBSERVATION_IDENTIFIER_SYSTEM = "urn:dermfusion:observation"
+PROVENANCE_TAG_SYSTEM = "urn:dermfusion:provenance"
+PROVENANCE_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 STUDY_UID_SYSTEM = "urn:dicom:uid"
 # Where a demographic input came from (valueString, same vocabulary as the SR's source items).
 SOURCE_EXTENSION = "urn:dermfusion:fhir:StructureDefinition:input-source"
@@ -132,7 +146,8 @@ def report_identifier(image: ImageRef, model: ModelIdentity) -> tuple[str, str]:
 
 
 def device_identifier(model: ModelIdentity) -> tuple[str, str]:
-    return DEVICE_IDENTIFIER_SYSTEM, f"{model.name}-{model.version}"
+    """(system, value) the algorithm's Device is created under: its DICOM Device UID."""
+    return STUDY_UID_SYSTEM, f"urn:oid:{model.device_uid}"
 
 
 def report_bundle(
@@ -143,6 +158,7 @@ def report_bundle(
     patient_id: str | None,
     patient_identifier_system: str,
     issued: dt.datetime,
+    model_card: str = "",
 ) -> dict[str, Any]:
     """A transaction Bundle (JSON-ready dict) with the result of one image; see the module doc.
 
@@ -174,13 +190,19 @@ def report_bundle(
     entries.append(
         device.entry(
             Device(
-                identifier=[device.identifier()],
+                identifier=[
+                    device.identifier(),
+                    Identifier(
+                        system=DEVICE_IDENTIFIER_SYSTEM, value=f"{model.name}-{model.version}"
+                    ),
+                ],
                 deviceName=[DeviceDeviceName(name=model.name, type="model-name")],
                 version=[DeviceVersion(value=model.version)],
                 manufacturer=MANUFACTURER,
                 type=CodeableConcept(
                     coding=[ARTIFICIAL_INTELLIGENCE], text="Artificial Intelligence"
                 ),
+                note=[Annotation(text=f"Model card: {model_card}")] if model_card else None,
             )
         )
     )
@@ -273,6 +295,37 @@ def report_bundle(
             )
         )
     )
+    provenance = _Entry(PROVENANCE_TAG_SYSTEM, report_value, parameter="_tag")
+    entries.append(
+        provenance.entry(
+            Provenance(
+                meta=Meta(tag=[_coding(PROVENANCE_TAG_SYSTEM, report_value, "dermfusion result")]),
+                target=[report.reference(), probability.reference(), decision.reference()],
+                recorded=issued,
+                activity=CodeableConcept(coding=[_coding(DATA_OPERATION, "CREATE", "create")]),
+                agent=[
+                    ProvenanceAgent(
+                        type=CodeableConcept(
+                            coding=[_coding(PROVENANCE_PARTICIPANT_TYPE, "author", "Author")]
+                        ),
+                        who=device.reference(),
+                    )
+                ],
+                entity=[
+                    ProvenanceEntity(
+                        role="source",
+                        what=Reference(
+                            identifier=Identifier(
+                                system=STUDY_UID_SYSTEM,
+                                value=f"urn:oid:{image.sop_instance_uid}",
+                            ),
+                            display="Source dermoscopy image (SOP Instance UID)",
+                        ),
+                    )
+                ],
+            )
+        )
+    )
     bundle = Bundle(type="transaction", entry=entries)
     result: dict[str, Any] = json.loads(bundle.model_dump_json())
     return result
@@ -334,8 +387,8 @@ def conclusion_text(finding: Finding) -> str:
 class _Entry:
     """One bundle entry's identity: its stable identifier and the urn:uuid derived from it."""
 
-    def __init__(self, system: str, value: str) -> None:
-        self.system, self.value = system, value
+    def __init__(self, system: str, value: str, parameter: str = "identifier") -> None:
+        self.system, self.value, self.parameter = system, value, parameter
         self.full_url = f"urn:uuid:{uuid.uuid5(_UUID_NAMESPACE, f'{system}|{value}')}"
 
     def identifier(self) -> Identifier:
@@ -352,7 +405,7 @@ class _Entry:
             request=BundleEntryRequest(
                 method="POST",
                 url=resource_type,
-                ifNoneExist=identifier_query(self.system, self.value),
+                ifNoneExist=identifier_query(self.system, self.value, self.parameter),
             ),
         )
 

@@ -128,8 +128,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from dicom_io.demographics import demographics_from_dataset
     from dicom_io.images import UnsupportedInstanceError, read_image
-    from plugin.model import FusionModel
-    from plugin.pipeline import ReportPipeline, capture_writer
+    from plugin.pipeline import report_pipeline
 
     settings = load_settings(args.config)
     images = []
@@ -144,11 +143,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             print(f"dermfusion infer: {path}: {error.strerror or error}", file=sys.stderr)
             failed += 1
     if images:
-        pipeline = ReportPipeline(
-            model=FusionModel.load(settings.model.bundle_dir),
-            patient_identifier_system=settings.patient_identifier_system,
-            capture_writer=capture_writer(settings),
-        )
+        pipeline = report_pipeline(settings)
         reports = pipeline.run(images, [demographics_from_dataset(i.dataset) for i in images])
         for report in reports:
             files = report.write_files(args.out)

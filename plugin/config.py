@@ -112,6 +112,13 @@ class RetentionSettings:
 @dataclass(frozen=True)
 class ModelSettings:
     bundle_dir: Path
+    model_card_url: str = ""
+
+    @property
+    def model_card(self) -> str:
+        """What the FHIR Device names as the model card: the configured URL, else the card's
+        place in the bundle (all a reader of the EHR can be told without a URL)."""
+        return self.model_card_url or "monai_bundle/docs/README.md in the dermfusion bundle"
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "saliency": {"secondary_capture": bool},
     "storage": {"dir": str, "min_free_mb": int},
     "retention": {"keep_days": (int, float), "pass_minutes": (int, float)},
-    "model": {"bundle_dir": str},
+    "model": {"bundle_dir": str, "model_card_url": str},
 }
 _OPTIONAL_SECTIONS = {"pacs", "fhir"}
 # Keys that have no default: absent means "not used" (TLS off, no client certificates).
@@ -363,7 +370,10 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             dir=_path(base, raw["storage"]["dir"]),
             min_free_mb=int(_non_negative("storage.min_free_mb", raw["storage"]["min_free_mb"])),
         ),
-        model=ModelSettings(bundle_dir=_path(base, raw["model"]["bundle_dir"])),
+        model=ModelSettings(
+            bundle_dir=_path(base, raw["model"]["bundle_dir"]),
+            model_card_url=raw["model"]["model_card_url"].strip(),
+        ),
         retention=RetentionSettings(
             keep_days=_non_negative("retention.keep_days", raw["retention"]["keep_days"]),
             pass_minutes=_positive("retention.pass_minutes", raw["retention"]["pass_minutes"]),

@@ -6,6 +6,7 @@ plain Python): it is the one thing the I/O packages may import from ``plugin``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -191,10 +192,32 @@ class Demographics:
         return CATEGORY_CODES.get(str(self.site.value)) if self.site.value else None
 
 
+UID_PREFIX = "2.25."
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID that is a pure function of ``parts``: a 128-bit hash under the 2.25 (UUID) root.
+
+    pydicom's ``generate_uid(prefix=None)`` ignores its entropy sources and is random, which
+    would make every resend a new instance.
+    """
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()[:16]
+    return UID_PREFIX + str(int.from_bytes(digest, "big"))
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
+    """The algorithm as results name it. ``weights_digest`` (sha256 of the weights and the
+    operating point) makes ``device_uid`` change whenever what scores changes, even under an
+    unchanged version number (IHE AIR asks for that of the Contributing Equipment's Device UID)."""
+
     name: str
     version: str
+    weights_digest: str = ""
+
+    @property
+    def device_uid(self) -> str:
+        return derived_uid("device", self.name, self.version, self.weights_digest)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,10 +39,15 @@ class FusionModel:
         meta = json.loads((configs / "metadata.json").read_text())
         _check_data_format(meta)
         network = load_bundle_network(bundle_dir).to(memory_format=torch.channels_last)
-        operating_point = json.loads((bundle_dir / "models" / "operating_point.json").read_text())
+        operating_point_file = bundle_dir / "models" / "operating_point.json"
+        operating_point = json.loads(operating_point_file.read_text())
         return cls(
             network=network,
-            identity=ModelIdentity(name=meta["name"], version=meta["version"]),
+            identity=ModelIdentity(
+                name=meta["name"],
+                version=meta["version"],
+                weights_digest=weights_digest(weights, operating_point_file),
+            ),
             threshold=float(operating_point["threshold"]),
         )
 
@@ -91,6 +97,16 @@ class FusionModel:
         return saliency_map(
             self.network, preprocess_rgb(rgb), torch.from_numpy(_encode(demographics))
         )
+
+
+def weights_digest(*files: Path) -> str:
+    """sha256 over what decides a score: the weights and the operating point."""
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _encode(d: Demographics) -> np.ndarray:

@@ -103,6 +103,7 @@ class ReportPipeline:
     patient_identifier_system: str
     sr_writer: MeasurementReportWriter = MeasurementReportWriter()
     capture_writer: SaliencyCaptureWriter | None = None  # None: no Secondary Capture
+    model_card: str = ""  # where a reader finds the model card (named by the FHIR Device)
 
     def run(
         self, images: Sequence[DermoscopyImage], demographics: Sequence[Demographics]
@@ -112,8 +113,21 @@ class ReportPipeline:
         reports = []
         for image, demo, scored in zip(images, demographics, findings, strict=True):
             finding = replace(scored, lesion=lesion_size(image))
+            saliency = self.model.saliency(image.rgb, demo)
+            capture = None
+            if self.capture_writer is not None:
+                capture = self.capture_writer.build(
+                    source=image.dataset,
+                    ref=image.ref,
+                    overlay=overlay_rgb(image.rgb, saliency),
+                    model=finding.model,
+                )
             sr = self.sr_writer.build(
-                source=image.dataset, ref=image.ref, finding=finding, demographics=demo
+                source=image.dataset,
+                ref=image.ref,
+                finding=finding,
+                demographics=demo,
+                visual_explanation=capture,
             )
             patient_id = str(image.dataset.get("PatientID", "") or "") or None
             bundle = report_bundle(
@@ -123,6 +137,7 @@ class ReportPipeline:
                 patient_id=patient_id,
                 patient_identifier_system=self.patient_identifier_system,
                 issued=issued,
+                model_card=self.model_card,
             )
             log.info(
                 "scored sop=%s probability=%.4f suspected=%s age=%s sex=%s site=%s lesion=%.1f%%",
@@ -134,15 +149,6 @@ class ReportPipeline:
                 demo.site.source.value,
                 100 * finding.lesion.area_fraction if finding.lesion else float("nan"),
             )
-            saliency = self.model.saliency(image.rgb, demo)
-            capture = None
-            if self.capture_writer is not None:
-                capture = self.capture_writer.build(
-                    source=image.dataset,
-                    ref=image.ref,
-                    overlay=overlay_rgb(image.rgb, saliency),
-                    model=finding.model,
-                )
             reports.append(ImageReport(image, demo, finding, sr, bundle, saliency, capture))
         return reports
 
@@ -150,3 +156,13 @@ class ReportPipeline:
 def capture_writer(settings: Settings) -> SaliencyCaptureWriter | None:
     """The Secondary Capture writer when ``[saliency] secondary_capture`` asks for one."""
     return SaliencyCaptureWriter() if settings.saliency.secondary_capture else None
+
+
+def report_pipeline(settings: Settings) -> ReportPipeline:
+    """The pipeline as configured: the bundle's model, the SC when asked, the card's place."""
+    return ReportPipeline(
+        model=FusionModel.load(settings.model.bundle_dir),
+        patient_identifier_system=settings.patient_identifier_system,
+        capture_writer=capture_writer(settings),
+        model_card=settings.model.model_card,
+    )

@@ -32,9 +32,8 @@ from plugin.config import ConfigError, ListenerSettings, Settings
 from plugin.demographics import ConflictPolicy, merge, needs_lookup
 from plugin.domain import Demographics, is_uid
 from plugin.failures import describe, is_environmental
-from plugin.model import FusionModel
 from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
-from plugin.pipeline import ImageReport, ReportPipeline, capture_writer
+from plugin.pipeline import ImageReport, ReportPipeline, report_pipeline
 from plugin.retention import MIB, FreeSpaceWatermark, Retention
 from plugin.state import InstanceRow, OutboxItem, SqliteStateStore, StateStore
 from plugin.workers import Supervisor, Worker
@@ -320,11 +319,7 @@ class DermfusionService:
         self.outbox = Outbox(self.store, destinations, self.backoff, outbox.max_attempts)
         self.processor = StudyProcessor(
             store=self.store,
-            pipeline=ReportPipeline(
-                model=FusionModel.load(self.settings.model.bundle_dir),
-                patient_identifier_system=self.settings.patient_identifier_system,
-                capture_writer=capture_writer(self.settings),
-            ),
+            pipeline=report_pipeline(self.settings),
             outbox_dir=storage.outbox,
             destinations=frozenset(destinations),
             fhir=self.fhir,

@@ -74,14 +74,22 @@ def test_resend_creates_nothing_and_the_report_reads_back(fhir_server: str) -> N
         patient_id="MRN-1",
         patient_identifier_system=PATIENT_SYSTEM,
         issued=ISSUED,
+        model_card="https://example.org/dermfusion/model-card",
     )
     with FhirClient(fhir_server) as client:
         first = _ids(client.post_transaction(bundle))
         second = _ids(client.post_transaction(bundle))
-        assert [s for s, _ in first] == ["201 Created"] * 4
+        assert [s for s, _ in first] == ["201 Created"] * 5
         assert second == [("200 OK", type_id) for _, type_id in first]
-        device_ref, probability_ref, decision_ref, report_ref = [t for _, t in first]
-        for resource_type, count in [("Patient", 0), ("Device", 1), ("Observation", 2)]:
+        device_ref, probability_ref, decision_ref, report_ref, provenance_ref = [
+            t for _, t in first
+        ]
+        for resource_type, count in [
+            ("Patient", 0),
+            ("Device", 1),
+            ("Observation", 2),
+            ("Provenance", 1),
+        ]:
             assert len(client.search(resource_type, {})) == count, resource_type
         assert len(client.search("DiagnosticReport", {})) == 1
 
@@ -122,10 +130,24 @@ def test_resend_creates_nothing_and_the_report_reads_back(fhir_server: str) -> N
             assert observation["subject"] == subject
             assert observation["device"] == {"reference": device_ref}
             assert observation["meta"]["security"][0]["code"] == "AIAST"
+        assert report["meta"]["security"][0]["code"] == "AIAST"
         device = client.read(device_ref)
         assert device["identifier"] == [
-            {"system": "urn:dermfusion:device", "value": "fusionnet-1.2.0"}
+            {"system": "urn:dicom:uid", "value": f"urn:oid:{MODEL.device_uid}"},
+            {"system": "urn:dermfusion:device", "value": "fusionnet-1.2.0"},
         ]
+        assert device["type"]["coding"][0]["code"] == "123110"  # Artificial Intelligence
+        assert device["note"] == [{"text": "Model card: https://example.org/dermfusion/model-card"}]
+        # HL7 AI Transparency: the server keeps who made the results, found from the report.
+        (provenance,) = client.search("Provenance", {"target": report_ref})
+        assert f"Provenance/{provenance['id']}" == provenance_ref
+        assert sorted(t["reference"] for t in provenance["target"]) == sorted(
+            [report_ref, probability_ref, decision_ref]
+        )
+        assert [a["who"] for a in provenance["agent"]] == [{"reference": device_ref}]
+        assert provenance["entity"][0]["what"]["identifier"]["value"] == (
+            f"urn:oid:{image.sop_instance_uid}"
+        )
 
         by_study = client.search(
             "DiagnosticReport", {"identifier": f"urn:dicom:uid|urn:oid:{image.study_instance_uid}"}
@@ -146,7 +168,7 @@ def test_report_without_patient_id(fhir_server: str) -> None:
         statuses = [s for s, _ in _ids(client.post_transaction(bundle))]
         # The Device may exist from an earlier test (then it is matched, not created again).
         assert statuses[0] in ("200 OK", "201 Created")
-        assert statuses[1:] == ["201 Created"] * 3
+        assert statuses[1:] == ["201 Created"] * 4  # Observations, report, Provenance
         (report,) = client.search(
             "DiagnosticReport", {"identifier": f"urn:oid:{_image(2).study_instance_uid}"}
         )

@@ -12,6 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_io.capture import SECONDARY_CAPTURE_IMAGE_STORAGE, SaliencyCaptureWriter
 from dicom_io.images import DermoscopyImage, UnsupportedInstanceError, read_image
+from dicom_io.sr import read_reported_finding
 from monai_bundle.scripts.saliency import OVERLAY_ALPHA, jet_colours, overlay_rgb
 from plugin.domain import Demographics, Finding, ModelIdentity
 from plugin.pipeline import ReportPipeline
@@ -131,6 +132,50 @@ def test_pipeline_png_and_capture_are_the_same_overlay_at_the_source_size(
         drawn = np.asarray(png)
     assert np.array_equal(drawn, overlay_rgb(image.rgb, _saliency()))
     assert np.array_equal(pydicom.dcmread(files.capture).pixel_array, drawn)
+
+
+def test_sr_names_the_algorithm_and_points_at_the_capture_as_its_visual_explanation(
+    tmp_path: Path,
+) -> None:
+    """IHE AI Results: Contributing Equipment (Processing Algorithm, device UID) in both
+    objects, and the SR's measurement group references the Grad-CAM capture sent with it."""
+    model = ModelIdentity(MODEL.name, MODEL.version, weights_digest="f00d")
+
+    class _Model(_StubModel):
+        def score(self, rgbs: list[np.ndarray], demographics: list[Demographics]) -> list[Finding]:
+            return [Finding(0.7, 0.5, model) for _ in rgbs]
+
+    image = read_image(SAMPLES / "dms_jpeg_baseline.dcm")
+    with_capture = ReportPipeline(_Model(), "urn:test", capture_writer=SaliencyCaptureWriter())  # type: ignore[arg-type]
+    (report,) = with_capture.run([image], [Demographics.unknown()])
+    files = report.write_files(tmp_path / "out")
+    assert files.capture is not None
+    sr, capture = pydicom.dcmread(files.sr), pydicom.dcmread(files.capture)
+    for dataset in (sr, capture):
+        (equipment,) = dataset.ContributingEquipmentSequence
+        purpose = equipment.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodeMeaning) == ("Newcode1", "Processing Algorithm")
+        assert equipment.ManufacturerModelName == MODEL.name
+        assert equipment.SoftwareVersions == MODEL.version
+        assert equipment.DeviceUID == model.device_uid
+    reported = read_reported_finding(sr)
+    assert reported.device_uid == model.device_uid
+    assert reported.visual_explanation_uid == capture.SOPInstanceUID
+    assert reported.source_sop_instance_uid == image.ref.sop_instance_uid
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {image.ref.sop_instance_uid, capture.SOPInstanceUID}
+    assert dciodvfy_errors(files.sr) == []
+    assert dciodvfy_errors(files.capture) == []
+    # Without a capture nothing is referenced that the PACS will not have.
+    (plain,) = ReportPipeline(_Model(), "urn:test").run([image], [Demographics.unknown()])  # type: ignore[arg-type]
+    assert read_reported_finding(plain.sr).visual_explanation_uid is None
+    # New weights under the same version: a new device UID, the same SR identity.
+    assert ModelIdentity(MODEL.name, MODEL.version, "beef").device_uid != model.device_uid
 
 
 def test_same_source_and_model_give_the_same_uids() -> None:

@@ -106,7 +106,9 @@ def _by_type(bundle: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 SUBJECT = {"identifier": {"system": PATIENT_SYSTEM, "value": "MRN-4711"}, "type": "Patient"}
-DEVICE_URN = _urn("urn:dermfusion:device", "fusionnet-1.2.0")
+DEVICE_UID = MODEL.device_uid
+DEVICE_URN = _urn("urn:dicom:uid", f"urn:oid:{DEVICE_UID}")
+PROVENANCE_URN = _urn("urn:dermfusion:provenance", REPORT_KEY)
 PROBABILITY_URN = _urn("urn:dermfusion:observation", f"{REPORT_KEY}:probability")
 DECISION_URN = _urn("urn:dermfusion:observation", f"{REPORT_KEY}:decision")
 REPORT_URN = _urn("urn:dermfusion:report", REPORT_KEY)
@@ -126,7 +128,7 @@ def test_bundle_is_a_valid_r4_transaction_of_conditional_creates() -> None:
             {
                 "method": "POST",
                 "url": "Device",
-                "ifNoneExist": "identifier=urn%3Adermfusion%3Adevice%7Cfusionnet-1.2.0",
+                "ifNoneExist": f"identifier=urn%3Adicom%3Auid%7Curn%3Aoid%3A{DEVICE_UID}",
             },
         ),
         (
@@ -156,12 +158,27 @@ def test_bundle_is_a_valid_r4_transaction_of_conditional_creates() -> None:
                 "1.2.826.0.1.3680043.8.498.3%3Afusionnet%3A1.2.0",
             },
         ),
+        (
+            PROVENANCE_URN,
+            {
+                "method": "POST",
+                "url": "Provenance",
+                "ifNoneExist": "_tag=urn%3Adermfusion%3Aprovenance%7C"
+                "1.2.826.0.1.3680043.8.498.3%3Afusionnet%3A1.2.0",
+            },
+        ),
     ]
-    # Each ifNoneExist names exactly the entry's first identifier.
+    # Each ifNoneExist names exactly the entry's first identifier (the Provenance, which has
+    # none in R4, its first tag).
     for entry in bundle["entry"]:
         ((key, token),) = parse_qsl(entry["request"]["ifNoneExist"])
-        first = entry["resource"]["identifier"][0]
-        assert (key, token) == ("identifier", f"{first['system']}|{first['value']}")
+        resource = entry["resource"]
+        if resource["resourceType"] == "Provenance":
+            first = resource["meta"]["tag"][0]
+            assert (key, token) == ("_tag", f"{first['system']}|{first['code']}")
+        else:
+            first = resource["identifier"][0]
+            assert (key, token) == ("identifier", f"{first['system']}|{first['value']}")
 
 
 def test_no_patient_is_created_and_the_device_is() -> None:
@@ -169,7 +186,10 @@ def test_no_patient_is_created_and_the_device_is() -> None:
     assert "Patient" not in by_type  # the EHR owns patient identity
     assert by_type["Device"][0]["resource"] == {
         "resourceType": "Device",
-        "identifier": [{"system": "urn:dermfusion:device", "value": "fusionnet-1.2.0"}],
+        "identifier": [
+            {"system": "urn:dicom:uid", "value": f"urn:oid:{DEVICE_UID}"},
+            {"system": "urn:dermfusion:device", "value": "fusionnet-1.2.0"},
+        ],
         "manufacturer": "dermfusion",
         "deviceName": [{"name": "fusionnet", "type": "model-name"}],
         "type": {
@@ -391,6 +411,7 @@ def test_without_patient_id_there_is_no_patient_and_no_subject() -> None:
         "Observation",
         "Observation",
         "DiagnosticReport",
+        "Provenance",
     ]
     assert all("subject" not in e["resource"] for e in bundle["entry"])
 
@@ -402,24 +423,61 @@ def test_identities_are_stable_per_image_and_model_version() -> None:
     new_model = _build(finding=Finding(0.83, 0.5, ModelIdentity("fusionnet", "1.3.0")))
     old_urls = {e["fullUrl"] for e in _build()["entry"]}
     assert [e["fullUrl"] in old_urls for e in new_model["entry"]] == [
-        False,  # new Device, Observations, report
+        False,  # new Device, Observations, report, Provenance
         False,
         False,
         False,
+        False,
+    ]
+    # New weights under an unchanged version: a new Device (its DICOM Device UID changes), the
+    # same report identities (a resend of the same version still maps onto them).
+    new_weights = _build(finding=Finding(0.83, 0.5, ModelIdentity("fusionnet", "1.2.0", "ab12")))
+    assert [e["fullUrl"] in old_urls for e in new_weights["entry"]] == [
+        False,
+        True,
+        True,
+        True,
+        True,
     ]
 
 
 def test_identifier_values_with_search_separators_are_escaped_in_if_none_exist() -> None:
-    device = _build(finding=Finding(0.5, 0.5, ModelIdentity("net|a,b", "1")))["entry"][0]
-    assert device["resource"]["identifier"] == [
-        {"system": "urn:dermfusion:device", "value": "net|a,b-1"}
-    ]
-    assert parse_qsl(device["request"]["ifNoneExist"]) == [
-        ("identifier", "urn:dermfusion:device|net\\|a\\,b-1")
+    model = ModelIdentity("net|a,b", "1")
+    entries = _build(finding=Finding(0.5, 0.5, model))["entry"]
+    assert entries[0]["resource"]["identifier"][1] == {
+        "system": "urn:dermfusion:device",
+        "value": "net|a,b-1",
+    }
+    assert parse_qsl(entries[3]["request"]["ifNoneExist"]) == [
+        ("identifier", f"urn:dermfusion:report|{IMAGE.sop_instance_uid}:net\\|a\\,b:1")
     ]
     # The patient identifier is never a search of ours in the Bundle: it is only the subject.
     report = _by_type(_build(patient_id="A|1,2"))["DiagnosticReport"][0]["resource"]
     assert report["subject"]["identifier"] == {"system": PATIENT_SYSTEM, "value": "A|1,2"}
+
+
+def test_provenance_names_the_algorithm_device_as_author_of_every_result() -> None:
+    """HL7 AI Transparency on FHIR: who made the report, from what; the Device names its card."""
+    bundle = _build(model_card="https://example.org/dermfusion/model-card")
+    by_type = _by_type(bundle)
+    (provenance,) = by_type["Provenance"]
+    resource = provenance["resource"]
+    assert sorted(t["reference"] for t in resource["target"]) == sorted(
+        [REPORT_URN, PROBABILITY_URN, DECISION_URN]
+    )
+    assert resource["recorded"] == "2024-05-06T07:08:07Z"  # = issued, in UTC
+    (agent,) = resource["agent"]
+    assert agent["who"] == {"reference": DEVICE_URN}
+    assert agent["type"]["coding"][0]["code"] == "author"
+    (entity,) = resource["entity"]
+    assert entity["role"] == "source"
+    assert entity["what"]["identifier"] == {
+        "system": "urn:dicom:uid",
+        "value": f"urn:oid:{IMAGE.sop_instance_uid}",
+    }
+    device = by_type["Device"][0]["resource"]
+    assert device["note"] == [{"text": "Model card: https://example.org/dermfusion/model-card"}]
+    assert "note" not in _by_type(_build())["Device"][0]["resource"]
 
 
 def test_with_subject_names_the_ehr_patient_or_keeps_the_identifier() -> None:

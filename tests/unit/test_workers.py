@@ -105,8 +105,9 @@ def test_the_service_reports_a_dead_scoring_thread_and_restarts_it(
 ) -> None:
     """The real service wiring, with a stand-in for the model (its weights are not needed)."""
     from plugin import service as service_module
+    from plugin.model import FusionModel
 
-    monkeypatch.setattr(service_module.FusionModel, "load", classmethod(lambda cls, d: object()))
+    monkeypatch.setattr(FusionModel, "load", classmethod(lambda cls, d: object()))
     config = tmp_path / "dermfusion.toml"
     config.write_text(
         f'[listener]\nport = {_free_port()}\nbind_address = "127.0.0.1"\n'
