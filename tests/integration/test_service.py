@@ -168,6 +168,14 @@ def test_study_routed_by_orthanc_gets_its_sr_and_diagnostic_report(
         assert capture.PatientID == "DF-IT-0001"
     assert {c.SourceImageSequence[0].ReferencedSOPInstanceUID for c in captures} == sources
     assert all(sr.age == 58.0 and sr.sources["age"] == "dicom:PatientAge" for sr in srs)
+    # IHE AIR: each SR's visual explanation is a capture the PACS holds; SR and capture name the
+    # same algorithm device.
+    assert {sr.visual_explanation_uid for sr in srs} == {c.SOPInstanceUID for c in captures}
+    device_uids = {sr.device_uid for sr in srs} | {
+        c.ContributingEquipmentSequence[0].DeviceUID for c in captures
+    }
+    (device_uid,) = device_uids
+    assert device_uid is not None
     found = eventually(
         lambda: (
             (r := _reports_for_study(fhir_base_url, study_uid))
@@ -187,6 +195,14 @@ def test_study_routed_by_orthanc_gets_its_sr_and_diagnostic_report(
         }
     with FhirClient(fhir_base_url) as client:
         assert client.find_patient(PATIENT_SYSTEM, "DF-IT-0001") is None
+        # HL7 AI Transparency: the server holds a Provenance per report, its author the Device
+        # whose DICOM UID is the one the SRs carry.
+        for report in (r for r in found if r["resourceType"] == "DiagnosticReport"):
+            assert report["meta"]["security"][0]["code"] == "AIAST"
+            target = f"DiagnosticReport/{report['id']}"
+            (provenance,) = client.search("Provenance", {"target": target})
+            device = client.read(provenance["agent"][0]["who"]["reference"])
+            assert device["identifier"][0]["value"] == f"urn:oid:{device_uid}"
 
 
 def test_missing_age_and_sex_are_taken_from_the_fhir_patient(
