@@ -60,6 +60,15 @@ class FhirSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The health, metrics and status endpoint; None (no ``[http]`` section) turns it off."""
+
+    port: int
+    bind_address: str = "127.0.0.1"
+    recent_studies: int = 50
+
+
+@dataclass(frozen=True)
 class DemographicsSettings:
     on_conflict: str
     fhir_wait_seconds: float
@@ -133,6 +142,7 @@ class Settings:
     storage: StorageSettings
     model: ModelSettings
     retention: RetentionSettings = RetentionSettings(keep_days=0.0)
+    http: HttpSettings | None = None
 
     @property
     def patient_identifier_system(self) -> str:
@@ -170,11 +180,14 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "storage": {"dir": str, "min_free_mb": int},
     "retention": {"keep_days": (int, float), "pass_minutes": (int, float)},
     "model": {"bundle_dir": str, "model_card_url": str},
+    "http": {"bind_address": str, "port": int, "recent_studies": int},
 }
-_OPTIONAL_SECTIONS = {"pacs", "fhir"}
-# Keys that have no default: absent means "not used" (TLS off, no client certificates).
+_OPTIONAL_SECTIONS = {"pacs", "fhir", "http"}
+# Keys that have no default: absent means "not used" (TLS off, no client certificates) or, in
+# an optional section, the dataclass default.
 _OPTIONAL_KEYS = {
     "listener": {"tls_certificate", "tls_private_key", "tls_ca_certificates"},
+    "http": {"bind_address", "recent_studies"},
 }
 
 
@@ -322,6 +335,7 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
     _check(raw)
     pacs = raw.get("pacs")
     fhir = raw.get("fhir")
+    http = raw.get("http")
     stable = _non_negative("study.stable_seconds", raw["study"]["stable_seconds"])
     demographics = raw["demographics"]
     if demographics["on_conflict"] not in ("dicom", "fhir"):
@@ -377,5 +391,20 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
         retention=RetentionSettings(
             keep_days=_non_negative("retention.keep_days", raw["retention"]["keep_days"]),
             pass_minutes=_positive("retention.pass_minutes", raw["retention"]["pass_minutes"]),
+        ),
+        http=None if http is None else _http(http),
+    )
+
+
+def _http(raw: dict[str, Any]) -> HttpSettings:
+    """The status endpoint shows study UIDs and results: loopback unless said otherwise."""
+    defaults = HttpSettings(port=0)
+    return HttpSettings(
+        port=_port("http.port", raw["port"]),
+        bind_address=_non_blank(
+            "http.bind_address", raw.get("bind_address", defaults.bind_address)
+        ),
+        recent_studies=_positive_count(
+            "http.recent_studies", raw.get("recent_studies", defaults.recent_studies)
         ),
     )
