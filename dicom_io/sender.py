@@ -34,6 +34,7 @@ __all__ = ["CStoreSender", "PacsError", "PacsRejectedError", "PacsUnavailableErr
 LOG = logging.getLogger(__name__)
 
 COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
+VERIFICATION = UID("1.2.840.10008.1.1")
 # Uncompressed syntaxes every Storage SCP must accept (Implicit VR LE is the DICOM default).
 _PROPOSED_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _WARNINGS = frozenset(int(warning) for warning in StoreWarning)
@@ -113,14 +114,32 @@ class CStoreSender:
         else:
             LOG.info("C-STORE of %s to %s: success (%.2f s)", sop_instance, self.peer, elapsed)
 
-    def _store(self, ds: Dataset, sop_class: UID, syntax: UID) -> int:
-        """The peer's status for ``ds``; only success and warnings return."""
+    def echo(self) -> float:
+        """C-ECHO the peer as ``send`` associates (same AE titles, timeouts, TCP_NODELAY);
+        the round trip in seconds, or a PacsError saying why not (for ``dermfusion doctor``)."""
+        started = time.monotonic()
+        assoc = self._associate(VERIFICATION, [ImplicitVRLittleEndian])
+        try:
+            response = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if "Status" not in response:
+            raise PacsUnavailableError("no C-ECHO response (DIMSE timeout, abort or lost)")
+        if int(response.Status) != 0:
+            raise PacsRejectedError(
+                f"C-ECHO status 0x{int(response.Status):04X}", int(response.Status)
+            )
+        return time.monotonic() - started
+
+    def _associate(self, sop_class: UID, syntaxes: list[UID]) -> Association:
+        """An established association proposing ``sop_class``, or a PacsError saying why not."""
         ae = AE(ae_title=self.calling_ae)
         ae.connection_timeout = self.connection_timeout
         ae.acse_timeout = self.acse_timeout
         ae.dimse_timeout = self.dimse_timeout
         ae.network_timeout = self.network_timeout
-        ae.add_requested_context(sop_class, list(dict.fromkeys((syntax, *_PROPOSED_SYNTAXES))))
+        ae.add_requested_context(sop_class, syntaxes)
         rejections: list[A_ASSOCIATE_RJ] = []
         assoc = ae.associate(
             self.host,
@@ -139,6 +158,11 @@ class CStoreSender:
                     None,
                 )
             raise PacsUnavailableError(_why_not_established(assoc, rejections))
+        return assoc
+
+    def _store(self, ds: Dataset, sop_class: UID, syntax: UID) -> int:
+        """The peer's status for ``ds``; only success and warnings return."""
+        assoc = self._associate(sop_class, list(dict.fromkeys((syntax, *_PROPOSED_SYNTAXES))))
         try:
             try:
                 response = assoc.send_c_store(ds)

@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
         "parked; a parked study with unscored images is scored again",
     )
     resend.add_argument("study_uid", metavar="STUDY_UID", help="StudyInstanceUID")
+    sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check config, storage, model, PACS (C-ECHO), FHIR server and listener port, one "
+        "line each; exit 0 only when all are green",
+    )
     requeue = sub.add_parser(
         "requeue",
         parents=[common],
@@ -353,6 +359,12 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from plugin.doctor import examine
+
+    return examine(args.config)
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "predict": cmd_predict,
@@ -362,6 +374,7 @@ COMMANDS = {
     "status": cmd_status,
     "resend": cmd_resend,
     "requeue": cmd_requeue,
+    "doctor": cmd_doctor,
 }
 
 
