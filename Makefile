@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 FHIR_VENV := .venv-fhir
-SYSTEM_TOOLS := img2dcm dsrdump dciodvfy storescu echoscu
+SYSTEM_TOOLS := img2dcm dsrdump dciodvfy storescu echoscu chromium chromedriver
 
 .PHONY: run test lint install fhir-server-install system-deps smoke-train clean demo
 
@@ -27,13 +27,14 @@ $(FHIR_VENV)/.installed:
 
 fhir-server-install: $(FHIR_VENV)/.installed
 
-# DCMTK (img2dcm, storescu, dsrdump) and dicom3tools (dciodvfy) from Debian.
+# DCMTK (img2dcm, storescu, dsrdump), dicom3tools (dciodvfy) and chromium + its driver (the
+# status page's browser test, driven by Selenium) from Debian.
 system-deps:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing dcmtk dicom3tools (missing:$$missing)"; \
+	  echo "installing dcmtk dicom3tools chromium chromium-driver (missing:$$missing)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q dcmtk dicom3tools chromium chromium-driver; \
 	fi
 
 # The main job on embedded defaults: listener on port 11112, no PACS, no FHIR, results in var/outbox/.

@@ -83,6 +83,12 @@ _RJ_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title n
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
 _RJ_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
 _RJ_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider, temporary congestion
+_RJ_LABELS = {
+    _RJ_CALLED_AE: "called-ae",
+    _RJ_CALLING_AE: "calling-ae",
+    _RJ_LIMIT: "association-limit",
+    _RJ_CONGESTION: "congestion",
+}
 # pynetdicom's own limit counts open sockets too, admitted or not: only a backstop here.
 _SOCKET_BACKSTOP_FACTOR = 8
 
@@ -152,10 +158,14 @@ class StorageListener:
         limits: AssociationLimits = AssociationLimits(),
         ssl_context: ssl.SSLContext | None = None,
         capacity: Callable[[], str | None] | None = None,
+        on_refusal: Callable[[str, str], None] | None = None,
     ) -> None:
         """``capacity``: asked before each association is admitted; a reason (one line)
-        refuses it as temporary congestion (e.g. the disk is nearly full)."""
+        refuses it as temporary congestion (e.g. the disk is nearly full). ``on_refusal``
+        hears of each refusal as (``"association"``, why) or (``"c-store"``, ``"0xA700"``): the
+        service counts them for its metrics."""
         self._address = (host, port)
+        self._on_refusal = on_refusal
         self._capacity = capacity
         self._sink = sink
         self._ae_title = ae_title
@@ -256,6 +266,7 @@ class StorageListener:
             assoc.requestor.port,
             reason,
         )
+        self._tell_refusal("association", _RJ_LABELS.get(rj, "other"))
         assoc.acse.send_reject(*rj)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -322,8 +333,17 @@ class StorageListener:
                 " ".join(str(exc).split()),
                 exc_info=LOG.isEnabledFor(logging.DEBUG),
             )
+            self._tell_refusal("c-store", f"0x{int(status):04X}")
             return int(status)
         return int(StoreStatus.SUCCESS)
+
+    def _tell_refusal(self, kind: str, label: str) -> None:
+        if self._on_refusal is None:
+            return
+        try:
+            self._on_refusal(kind, label)
+        except Exception:  # noqa: BLE001 - counting a refusal must never change its answer
+            LOG.exception("refusal observer failed")
 
 
 def _is_open(assoc: Association) -> bool:

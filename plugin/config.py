@@ -12,11 +12,17 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "dermfusion.toml"
 DEFAULT_PATIENT_IDENTIFIER_SYSTEM = "urn:dermfusion:patient-id"
 _AE_TITLE = re.compile(r"^[ -~]{1,16}$")
+# How SRs reach the PACS: DICOM C-STORE, or DICOMweb STOW-RS (HTTP).
+DIMSE = "dimse"
+STOW_RS = "stow-rs"
+# The C-STORE peer; STOW-RS needs only dicomweb_url, so these may be left out with it.
+_DIMSE_PEER_KEYS = {"ae_title", "host", "port"}
 
 
 class ConfigError(ValueError):
@@ -48,9 +54,14 @@ class StudySettings:
 
 @dataclass(frozen=True)
 class PacsSettings:
-    ae_title: str
-    host: str
-    port: int
+    """Where SRs and captures go: C-STORE to ``ae_title`` at ``host:port`` (protocol dimse), or
+    STOW-RS to ``dicomweb_url`` (protocol stow-rs); the other protocol's fields stay empty."""
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    protocol: str = DIMSE
+    dicomweb_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "tls_ca_certificates": str,
     },
     "study": {"stable_seconds": (int, float), "max_attempts": int},
-    "pacs": {"ae_title": str, "host": str, "port": int},
+    "pacs": {"protocol": str, "ae_title": str, "host": str, "port": int, "dicomweb_url": str},
     "fhir": {"base_url": str, "patient_identifier_system": str},
     "demographics": {"on_conflict": str, "fhir_wait_seconds": (int, float)},
     "outbox": {
@@ -188,6 +199,7 @@ _OPTIONAL_SECTIONS = {"pacs", "fhir", "http"}
 _OPTIONAL_KEYS = {
     "listener": {"tls_certificate", "tls_private_key", "tls_ca_certificates"},
     "http": {"bind_address", "recent_studies"},
+    "pacs": {"protocol", "dicomweb_url"},  # dimse (the default) needs no URL
 }
 
 
@@ -213,7 +225,11 @@ def _check(raw: dict[str, Any]) -> None:
                 value, schema[key]
             ):
                 raise ConfigError(f"{section}.{key} has the wrong type: {value!r}")
-        missing = set(schema) - set(values) - _OPTIONAL_KEYS.get(section, set())
+        optional = _OPTIONAL_KEYS.get(section, set())
+        if section == "pacs" and values.get("protocol", DIMSE) != DIMSE:
+            # stow-rs needs no C-STORE peer (another protocol is refused by name in _pacs)
+            optional = optional | _DIMSE_PEER_KEYS
+        missing = set(schema) - set(values) - optional
         if missing:
             raise ConfigError(f"[{section}] lacks {', '.join(sorted(missing))}")
 
@@ -353,13 +369,7 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             stable_seconds=stable,
             max_attempts=_positive_count("study.max_attempts", raw["study"]["max_attempts"]),
         ),
-        pacs=None
-        if pacs is None
-        else PacsSettings(
-            ae_title=_ae("pacs.ae_title", pacs["ae_title"]),
-            host=pacs["host"],
-            port=_port("pacs.port", pacs["port"]),
-        ),
+        pacs=None if pacs is None else _pacs(pacs),
         fhir=None
         if fhir is None
         else FhirSettings(
@@ -394,6 +404,51 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
         ),
         http=None if http is None else _http(http),
     )
+
+
+def _pacs(raw: dict[str, Any]) -> PacsSettings:
+    """C-STORE by default; STOW-RS needs a DICOMweb URL and nothing else. A URL without
+    ``protocol = "stow-rs"`` is refused rather than ignored: it says the site meant HTTP."""
+    protocol = raw.get("protocol", DIMSE)
+    if protocol not in (DIMSE, STOW_RS):
+        raise ConfigError(f'pacs.protocol must be "{DIMSE}" or "{STOW_RS}", got {protocol!r}')
+    if protocol == DIMSE:
+        if "dicomweb_url" in raw:
+            raise ConfigError(f'pacs.dicomweb_url is used only with pacs.protocol = "{STOW_RS}"')
+        return PacsSettings(
+            ae_title=_ae("pacs.ae_title", raw["ae_title"]),
+            host=raw["host"],
+            port=_port("pacs.port", raw["port"]),
+        )
+    if "dicomweb_url" not in raw:
+        raise ConfigError(
+            f'pacs.dicomweb_url is required with pacs.protocol = "{STOW_RS}" '
+            '(the DICOMweb root, e.g. "https://pacs.example.org/dicom-web")'
+        )
+    return PacsSettings(
+        ae_title=_ae("pacs.ae_title", raw["ae_title"]) if "ae_title" in raw else "",
+        host=raw.get("host", ""),
+        port=_port("pacs.port", raw["port"]) if "port" in raw else 0,
+        protocol=STOW_RS,
+        dicomweb_url=_http_url("pacs.dicomweb_url", raw["dicomweb_url"]),
+    )
+
+
+def _http_url(key: str, value: str) -> str:
+    """An http(s) URL with a host, without credentials (HTTP authentication is not supported,
+    and a password would end up in logs), query or fragment; trailing slashes dropped."""
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key} is not a URL: {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key} must be an http:// or https:// URL with a host, got {value!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{key} must not carry a user name or password")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{key} must not have a query or fragment, got {value!r}")
+    return value.strip().rstrip("/")
 
 
 def _http(raw: dict[str, Any]) -> HttpSettings:

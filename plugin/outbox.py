@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
-from dicom_io.sender import CStoreSender, PacsUnavailableError
+from dicom_io.sender import PacsUnavailableError
 from fhir_io import FhirClient, FhirUnavailableError, subject_identifier, with_subject
 from plugin.failures import describe, is_environmental
 from plugin.state import OutboxItem, StateStore
@@ -32,9 +33,16 @@ class Destination(Protocol):
     def deliver(self, item: OutboxItem) -> None: ...
 
 
+class PacsSender(Protocol):
+    """dicom_io's C-STORE or STOW-RS sender: returns once stored, else raises
+    PacsUnavailableError (retry) or PacsRejectedError (counts towards parking)."""
+
+    def send(self, instance: Path) -> None: ...
+
+
 @dataclass
 class PacsDestination:
-    sender: CStoreSender
+    sender: PacsSender
 
     def deliver(self, item: OutboxItem) -> None:
         self.sender.send(item.path)

@@ -26,16 +26,18 @@ from dicom_io.images import DermoscopyImage, UnsupportedInstanceError, read_imag
 from dicom_io.listener import AssociationLimits, ReceivedInstance, StorageListener
 from dicom_io.sender import CStoreSender
 from dicom_io.spool import private_directory, write_bytes_durably
+from dicom_io.stow import StowRsSender
 from dicom_io.tls import server_tls_context
 from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError, demographics_from_patient
-from plugin.config import ConfigError, ListenerSettings, Settings
+from plugin.config import STOW_RS, ConfigError, ListenerSettings, Settings
 from plugin.demographics import ConflictPolicy, merge, needs_lookup
 from plugin.domain import Demographics, is_uid
 from plugin.failures import describe, is_environmental
+from plugin.monitoring import ServiceHealth, ServiceMetrics, StateGauges, StatusServer
 from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
 from plugin.pipeline import ImageReport, ReportPipeline, report_pipeline
 from plugin.retention import MIB, FreeSpaceWatermark, Retention
-from plugin.state import InstanceRow, OutboxItem, SqliteStateStore, StateStore
+from plugin.state import InstanceRow, OutboxItem, ScoredResult, SqliteStateStore, StateStore
 from plugin.workers import Supervisor, Worker
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class SpoolSink:
     store: StateStore
     clock: Callable[[], float] = time.time
     watermark: FreeSpaceWatermark | None = None
+    metrics: ServiceMetrics | None = None
 
     def accept(self, instance: ReceivedInstance) -> None:
         study = _safe_uid(instance.study_instance_uid, "StudyInstanceUID")
@@ -88,6 +91,8 @@ class SpoolSink:
             instance.association_id,
             self.clock(),
         )
+        if self.metrics is not None:
+            self.metrics.instances_received.inc()
 
     def association_closed(self, association_id: str) -> None:
         self.store.close_association(association_id, self.clock())
@@ -114,6 +119,7 @@ class StudyProcessor:
     conflict_policy: ConflictPolicy
     fhir_wait_seconds: float
     backoff: Backoff
+    metrics: ServiceMetrics | None = None
 
     def process(self, study_uid: str, now: float, *, one_by_one: bool = False) -> None:
         """Score the study's pending instances together, or (after a failed pass) one image at
@@ -134,6 +140,7 @@ class StudyProcessor:
             raise failures[0]
 
     def _process_rows(self, study_uid: str, rows: list[InstanceRow], now: float) -> None:
+        started = time.monotonic()
         images: list[DermoscopyImage] = []
         failed: list[tuple[str, str]] = []
         for row in rows:
@@ -170,7 +177,13 @@ class StudyProcessor:
             failed=failed,
             outbox=owed,
             now=now,
+            results=[_scored_result(r, now) for r in reports],
         )
+        if self.metrics is not None:
+            self.metrics.studies_scored.inc()
+            self.metrics.images_scored.inc(len(reports))
+            self.metrics.instances_failed.inc(len(failed))
+            self.metrics.scoring_seconds.observe(time.monotonic() - started)
         log.info(
             "study=%s: scored %d image(s), %d not scored, %d suspected; %d deliveries owed",
             study_uid,
@@ -225,6 +238,20 @@ class StudyProcessor:
         return owed
 
 
+def _scored_result(report: ImageReport, now: float) -> ScoredResult:
+    finding = report.finding
+    return ScoredResult(
+        sop_instance_uid=report.image.ref.sop_instance_uid,
+        study_instance_uid=report.image.ref.study_instance_uid,
+        sr_sop_instance_uid=str(report.sr.SOPInstanceUID),
+        probability=finding.probability,
+        threshold=finding.threshold,
+        suspected=finding.melanoma_suspected,
+        model=f"{finding.model.name} {finding.model.version}",
+        scored_at=now,
+    )
+
+
 class Processor(Protocol):
     """What the scorer needs of StudyProcessor (a stand-in in tests)."""
 
@@ -241,6 +268,7 @@ class StudyScorer:
     stable_seconds: float
     backoff: Backoff
     max_attempts: int
+    metrics: ServiceMetrics | None = None
 
     def score_ready(self, now: float) -> int:
         """Process every ready study; returns how many passed without failing."""
@@ -261,6 +289,8 @@ class StudyScorer:
         """Log the failure once (first, so its cause survives a store that fails too), then
         record it. A full disk is not the study's fault: it is retried without counting."""
         cause = describe(error)
+        if self.metrics is not None:
+            self.metrics.study_failures.inc()
         if is_environmental(error):
             retry_at = now + self.backoff.max_seconds
             log.warning(
@@ -300,18 +330,24 @@ class DermfusionService:
         for folder in (storage.dir, storage.spool, storage.outbox):
             private_directory(folder, tighten=True)
         self.store = SqliteStateStore(storage.state_database)
+        self.metrics = ServiceMetrics()
         self.fhir = FhirClient(self.settings.fhir.base_url) if self.settings.fhir else None
         destinations: dict[str, Destination] = {}
         if self.settings.pacs is not None:
             pacs = self.settings.pacs
-            destinations[PACS] = PacsDestination(
-                CStoreSender(
+            # Same contract either way (PacsUnavailableError / PacsRejectedError): the outbox
+            # retries and parks C-STORE and STOW-RS deliveries alike.
+            sender: CStoreSender | StowRsSender
+            if pacs.protocol == STOW_RS:
+                sender = StowRsSender(dicomweb_url=pacs.dicomweb_url)
+            else:
+                sender = CStoreSender(
                     calling_ae=self.settings.listener.ae_title,
                     peer_ae=pacs.ae_title,
                     host=pacs.host,
                     port=pacs.port,
                 )
-            )
+            destinations[PACS] = PacsDestination(sender)
         if self.fhir is not None:
             destinations[FHIR] = FhirDestination(self.fhir)
         outbox = self.settings.outbox
@@ -327,6 +363,7 @@ class DermfusionService:
             conflict_policy=ConflictPolicy(self.settings.demographics.on_conflict),
             fhir_wait_seconds=self.settings.demographics.fhir_wait_seconds,
             backoff=self.backoff,
+            metrics=self.metrics,
         )
         self.watermark = FreeSpaceWatermark(storage.dir, storage.min_free_mb * MIB)
         listener = self.settings.listener
@@ -343,8 +380,11 @@ class DermfusionService:
                 max_pixels=listener.max_pixels,
             ),
             ssl_context=listener_tls_context(listener),
-            sink=SpoolSink(storage.spool, self.store, watermark=self.watermark),
+            sink=SpoolSink(
+                storage.spool, self.store, watermark=self.watermark, metrics=self.metrics
+            ),
             capacity=self.watermark.shortfall,
+            on_refusal=lambda kind, why: self.metrics.refusals.labels(kind, why).inc(),
         )
         self.scorer = StudyScorer(
             store=self.store,
@@ -352,6 +392,7 @@ class DermfusionService:
             stable_seconds=self.settings.study.stable_seconds,
             backoff=self.backoff,
             max_attempts=self.settings.study.max_attempts,
+            metrics=self.metrics,
         )
         # Scoring and delivery run apart, so a slow or unreachable PACS/FHIR server (connect
         # timeouts) never delays the scoring of the next study.
@@ -394,6 +435,22 @@ class DermfusionService:
             check_seconds=SUPERVISOR_CHECK_SECONDS,
             pause=pause,
         )
+        self.health = ServiceHealth(self.store, self.healthy, outbox.stuck_after_seconds)
+        self.metrics.watch(StateGauges(self.store, self.health))
+        http = self.settings.http
+        self.http = (
+            None
+            if http is None
+            else StatusServer(
+                host=http.bind_address,
+                port=http.port,
+                metrics=self.metrics,
+                health=self.health,
+                store=self.store,
+                outbox_dir=storage.outbox,
+                recent_studies=http.recent_studies,
+            )
+        )
 
     def start(self) -> None:
         reopened = self.store.close_all_associations(time.time())
@@ -401,6 +458,8 @@ class DermfusionService:
             log.info("recovered %d association(s) left open by the previous run", reopened)
         self.listener.start()
         self._supervisor.start()
+        if self.http is not None:
+            self.http.start()
         counts = self.store.outbox_counts()
         parked_studies = sum(p.kind == "study" for p in self.store.parked())
         log.info(
@@ -419,6 +478,8 @@ class DermfusionService:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.http is not None:
+            self.http.stop()
         self.listener.stop()
         self._supervisor.join(timeout=30)
         if self.fhir is not None:

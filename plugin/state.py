@@ -94,6 +94,33 @@ class ExpiredStudy:
     report_files: tuple[Path, ...]
 
 
+@dataclass(frozen=True)
+class ScoredResult:
+    """One scored image as the status page shows it: UIDs and numbers, never patient data."""
+
+    sop_instance_uid: str  # the source image
+    study_instance_uid: str
+    sr_sop_instance_uid: str  # names the report files (<uid>.dcm, .json, _saliency.png)
+    probability: float
+    threshold: float
+    suspected: bool
+    model: str  # "name version"
+    scored_at: float
+
+
+@dataclass(frozen=True)
+class DeliveryState:
+    """Where one report stands with its destination."""
+
+    key: str
+    destination: str
+    study_instance_uid: str | None
+    attempts: int
+    delivered_at: float | None
+    parked_at: float | None
+    last_error: str | None
+
+
 class StateStore(Protocol):
     def record_instance(
         self, row: InstanceRow, association_id: str, received_at: float
@@ -110,6 +137,7 @@ class StateStore(Protocol):
         failed: Sequence[tuple[str, str]],
         outbox: Sequence[OutboxItem],
         now: float,
+        results: Sequence[ScoredResult] = (),
     ) -> None: ...
     def due_outbox(self, now: float, limit: int) -> list[OutboxItem]: ...
     def delivered(self, key: str, now: float) -> None: ...
@@ -132,6 +160,9 @@ class StateStore(Protocol):
     def requeue_study_deliveries(self, study_instance_uid: str, now: float) -> dict[str, int]: ...
     def expired_studies(self, cutoff: float, limit: int) -> list[ExpiredStudy]: ...
     def forget_study(self, study_instance_uid: str) -> None: ...
+    def studies_waiting(self) -> int: ...
+    def recent_results(self, studies: int) -> list[ScoredResult]: ...
+    def deliveries(self, study_instance_uids: Sequence[str]) -> list[DeliveryState]: ...
 
 
 # Version 0: the schema of 0.5.0, which set no user_version. Created as-is on a new file, then
@@ -183,6 +214,20 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (  # 2: each delivery knows its study, so a study's reports can be sent again
         "ALTER TABLE outbox ADD COLUMN study_instance_uid TEXT",
         "CREATE INDEX IF NOT EXISTS outbox_by_study ON outbox (study_instance_uid)",
+    ),
+    (  # 3: each scored image's result, for the status page (UIDs and numbers only)
+        """CREATE TABLE IF NOT EXISTS results (
+               sop_instance_uid TEXT PRIMARY KEY,
+               study_instance_uid TEXT NOT NULL,
+               sr_sop_instance_uid TEXT NOT NULL,
+               probability REAL NOT NULL,
+               threshold REAL NOT NULL,
+               suspected INTEGER NOT NULL,
+               model TEXT NOT NULL,
+               scored_at REAL NOT NULL
+           )""",
+        "CREATE INDEX IF NOT EXISTS results_by_time ON results (scored_at)",
+        "CREATE INDEX IF NOT EXISTS results_by_study ON results (study_instance_uid)",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -400,9 +445,28 @@ class SqliteStateStore:
         failed: Sequence[tuple[str, str]],
         outbox: Sequence[OutboxItem],
         now: float,
+        results: Sequence[ScoredResult] = (),
     ) -> None:
         """Mark instances done and enqueue what they owe, atomically (exactly-once processing)."""
         with self._transaction() as db:
+            db.executemany(
+                """INSERT OR REPLACE INTO results (sop_instance_uid, study_instance_uid,
+                       sr_sop_instance_uid, probability, threshold, suspected, model, scored_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        r.sop_instance_uid,
+                        r.study_instance_uid,
+                        r.sr_sop_instance_uid,
+                        r.probability,
+                        r.threshold,
+                        int(r.suspected),
+                        r.model,
+                        r.scored_at,
+                    )
+                    for r in results
+                ],
+            )
             db.executemany(
                 """INSERT OR IGNORE INTO outbox (key, destination, path, next_attempt_at,
                        enqueued_at, study_instance_uid) VALUES (?, ?, ?, ?, ?, ?)""",
@@ -659,7 +723,7 @@ class SqliteStateStore:
         """Remove every row of a study (and associations no instance refers to any more): an
         instance of it sent again later is a new arrival."""
         with self._transaction() as db:
-            for table in ("outbox", "instances", "studies"):
+            for table in ("outbox", "results", "instances", "studies"):
                 db.execute(
                     f"DELETE FROM {table} WHERE study_instance_uid = ?", (study_instance_uid,)
                 )
@@ -667,6 +731,47 @@ class SqliteStateStore:
                 """DELETE FROM associations WHERE closed_at IS NOT NULL
                    AND id NOT IN (SELECT association_id FROM instances)"""
             )
+
+
+    def studies_waiting(self) -> int:
+        """Studies with instances received and not yet scored (the scoring queue's depth)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(DISTINCT study_instance_uid) FROM instances WHERE state = 'received'"
+            ).fetchone()
+        return int(row[0])
+
+    def recent_results(self, studies: int) -> list[ScoredResult]:
+        """Every result of the ``studies`` most recently scored studies, newest first."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT r.sop_instance_uid, r.study_instance_uid, r.sr_sop_instance_uid,
+                          r.probability, r.threshold, r.suspected, r.model, r.scored_at
+                   FROM results r JOIN (
+                       SELECT study_instance_uid, MAX(scored_at) AS latest FROM results
+                       GROUP BY study_instance_uid ORDER BY latest DESC LIMIT ?
+                   ) recent ON recent.study_instance_uid = r.study_instance_uid
+                   ORDER BY recent.latest DESC, r.study_instance_uid, r.sop_instance_uid""",
+                (studies,),
+            ).fetchall()
+        return [
+            ScoredResult(r[0], r[1], r[2], float(r[3]), float(r[4]), bool(r[5]), r[6], float(r[7]))
+            for r in rows
+        ]
+
+    def deliveries(self, study_instance_uids: Sequence[str]) -> list[DeliveryState]:
+        """The outbox rows of these studies (delivered, owed or parked)."""
+        if not study_instance_uids:
+            return []
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT key, destination, study_instance_uid, attempts, delivered_at,
+                          parked_at, last_error
+                   FROM outbox WHERE 1""" + _named("study_instance_uid", study_instance_uids)
+                + " ORDER BY key",
+                tuple(study_instance_uids),
+            ).fetchall()
+        return [DeliveryState(r[0], r[1], r[2], int(r[3]), r[4], r[5], r[6]) for r in rows]
 
 
 def _named(column: str, values: Sequence[str]) -> str:

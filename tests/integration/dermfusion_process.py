@@ -108,6 +108,7 @@ def write_config(
     listener: Sequence[str] = (),
     min_free_mb: int = 0,
     retention: Sequence[str] = (),
+    http_port: int | None = None,
 ) -> Path:
     """A site file for one test run; ``listener`` and ``retention`` lines are added to their
     sections as is. No free-space watermark unless asked for (test machines vary)."""
@@ -134,6 +135,8 @@ def write_config(
     ]
     if pacs_port is not None:
         lines += ["[pacs]", 'ae_title = "ORTHANC"', 'host = "127.0.0.1"', f"port = {pacs_port}"]
+    if http_port is not None:
+        lines += ["[http]", f"port = {http_port}"]
     if fhir_url is not None:
         lines += [
             "[fhir]",

@@ -25,7 +25,7 @@ from dicom_io.images import DermoscopyImage
 from dicom_io.sender import CStoreSender, PacsRejectedError, PacsUnavailableError
 from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError
 from plugin.demographics import ConflictPolicy
-from plugin.domain import Demographics
+from plugin.domain import Demographics, Finding, ModelIdentity
 from plugin.outbox import FHIR, PACS, Backoff, FhirDestination, Outbox, PacsDestination
 from plugin.pipeline import ReportFiles, ReportPipeline
 from plugin.service import SpoolSink, StudyProcessor, StudyScorer
@@ -309,7 +309,7 @@ class _FakeReport:
         return SimpleNamespace(SOPInstanceUID=f"{self.image.ref.sop_instance_uid}.9")
 
     capture = None
-    finding = SimpleNamespace(melanoma_suspected=False)
+    finding = Finding(0.2, 0.5, ModelIdentity("fake model", "0"))
 
     def write_files(self, folder: Path) -> ReportFiles:
         folder.mkdir(parents=True, exist_ok=True)
