@@ -48,14 +48,16 @@ def write_config(workdir: Path, port: int) -> Path:
 
 
 @contextlib.contextmanager
-def running_fhir_server(venv: Path, workdir: Path) -> Iterator[str]:
-    """Yield the base URL (``http://127.0.0.1:PORT/fhir``) of a fresh, empty server."""
+def running_fhir_server(venv: Path, workdir: Path, port: int | None = None) -> Iterator[str]:
+    """Yield the base URL (``http://127.0.0.1:PORT/fhir``) of a server whose database lives in
+    ``workdir``: empty the first time; the same workdir and ``port`` again is the same server
+    back after an outage, with what it stored."""
     venv, workdir = venv.resolve(), workdir.resolve()  # the server runs with cwd=workdir
     exe = venv / "bin" / "sekmet"
     if not exe.exists():
         raise RuntimeError(f"{exe} not found: run `make fhir-server-install`")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     config = write_config(workdir, port)
     base_url = f"http://127.0.0.1:{port}/fhir"
     log_path = workdir / "sekmet.log"

@@ -193,6 +193,12 @@ class OrthancServer:
         response.raise_for_status()
         return response.json()
 
+    def find(self, query: dict[str, Any]) -> list[Any]:
+        """Orthanc's /tools/find (Level, Query, Expand) answer."""
+        response = self._client.post("/tools/find", json=query)
+        response.raise_for_status()
+        return list(response.json())
+
     def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
         """The study's instances as Orthanc describes them (ID, MainDicomTags, ParentSeries...)."""
         query = {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}
