@@ -184,3 +184,45 @@ def fuzz_cases(samples: Path, count: int, seed: int) -> Iterator[FuzzCase]:
             except Exception:  # noqa: BLE001 - an earlier mutation broke what this one sets
                 said.append(f"{mutation.__name__.strip('_')} not applicable")
         yield FuzzCase(f"{index}: {'; '.join(said)}", ds)
+
+
+# Below DIMSE: what a broken or hostile peer sends on the TCP connection itself.
+_PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x00, 0x08, 0xFF)
+
+
+@dataclass(frozen=True)
+class StreamCase:
+    """Bytes written on a fresh connection (``after_association``: on an established one)."""
+
+    name: str
+    payload: bytes
+    after_association: bool = False
+
+
+def stream_cases(count: int, seed: int) -> Iterator[StreamCase]:
+    """Random bytes, PDU headers whose length lies (up to 4 GiB claimed), truncated PDUs and
+    PDUs of the wrong type for the state, before and inside an association."""
+    rng = random.Random(seed)
+    for index in range(count):
+        kind = index % 5
+        pdu_type = rng.choice(_PDU_TYPES)
+        if kind == 0:
+            yield StreamCase(f"{index}-random", _random_bytes(rng, 1, 4096))
+        elif kind == 1:
+            claimed = rng.choice((0xFFFFFFFF, 0x7FFFFFFF, 1 << 24, rng.randrange(1, 1 << 16)))
+            header = bytes([pdu_type, 0]) + claimed.to_bytes(4, "big")
+            yield StreamCase(f"{index}-lying-length-{pdu_type:02x}", header + _random_bytes(rng))
+        elif kind == 2:
+            # An A-ASSOCIATE-RQ cut short: protocol version, AE titles, then nothing.
+            body = b"\x00\x01\x00\x00" + b"DERMFUSION".ljust(16) + b"FUZZER".ljust(16)
+            header = b"\x01\x00" + (len(body) + 200).to_bytes(4, "big")
+            yield StreamCase(f"{index}-truncated-rq", header + body[: rng.randrange(1, len(body))])
+        elif kind == 3:
+            payload = bytes([pdu_type, 0]) + rng.randrange(0, 1 << 16).to_bytes(4, "big")
+            name = f"{index}-inside-{pdu_type:02x}"
+            yield StreamCase(name, payload + _random_bytes(rng), after_association=True)
+        else:
+            # A P-DATA-TF claiming a large PDV that never comes: the peer then hangs up.
+            body = (1 << 20).to_bytes(4, "big") + b"\x01\x00" + _random_bytes(rng, 1, 64)
+            header = b"\x04\x00" + (len(body) + (1 << 20)).to_bytes(4, "big")
+            yield StreamCase(f"{index}-truncated-pdata", header + body, after_association=True)

@@ -9,7 +9,10 @@ runs in benchmarks/fuzz_listener.py.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sqlite3
+import subprocess
 import time
 from collections import Counter
 from contextlib import closing
@@ -22,10 +25,11 @@ from pynetdicom import AE
 from dicom_io.images import SopClass
 from tests.conftest import SAMPLES
 from tests.integration.dermfusion_process import DermfusionProcess, running_dermfusion
-from tests.integration.fuzzing import fuzz_cases
+from tests.integration.fuzzing import StreamCase, fuzz_cases, stream_cases
 
 pytestmark = pytest.mark.integration
 CASES = 200
+STREAM_CASES = 100
 # What a broken instance may be answered with: stored, or refused with a reason (out of
 # resources, wrong SOP class, cannot understand). 0x0110 would be our own failure.
 CLEAR_STATUSES = {0x0000, 0xA700, 0xA900, 0xC000, 0xB000, 0xB006, 0xB007}
@@ -108,6 +112,60 @@ def test_mutated_instances_get_clear_statuses_and_every_accepted_one_ends(
         ended = outcomes(storage)
         assert sum(ended.values()) == accepted
         assert ended.get("reported", 0) > 0
+        log = service.log_text()
+        assert "Traceback" not in log and "thread died" not in log
+        assert resident_mib(service) < 3000
+
+
+def send_stream(service: DermfusionProcess, case: StreamCase) -> None:
+    """Write the case's bytes, then hang up without a release (as a crashed peer would)."""
+    if not case.after_association:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=5) as sock:
+            sock.sendall(case.payload)
+        return
+    ae = AE(ae_title="FUZZER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", service.port, ae_title=service.ae_title)
+    assert assoc.is_established, f"association refused before case {case.name}"
+    raw = assoc.dul.socket.socket
+    assert raw is not None
+    with contextlib.suppress(OSError):  # the listener already hung up: also an answer
+        raw.sendall(case.payload)
+    assoc.abort()
+
+
+def test_garbage_pdus_and_truncated_streams_leave_the_listener_serving(tmp_path: Path) -> None:
+    """Below DIMSE: random bytes, lying PDU lengths (up to 4 GiB claimed), truncated requests
+    and PDUs of the wrong type inside an association. The listener stays up and bounded, logs
+    no traceback, and the next good study is scored."""
+    with running_dermfusion(tmp_path / "svc", stable_seconds=0.2) as service:
+        for case in stream_cases(STREAM_CASES, seed=20261130):
+            send_stream(service, case)
+            assert service.process is not None and service.process.poll() is None, case.name
+        echo = subprocess.run(
+            ["echoscu", "-aec", service.ae_title, "127.0.0.1", str(service.port)],
+            capture_output=True,
+        )
+        assert echo.returncode == 0
+        good = subprocess.run(
+            [
+                "storescu",
+                "-R",
+                "-xy",
+                "-aec",
+                service.ae_title,
+                "127.0.0.1",
+                str(service.port),
+                str(SAMPLES / "dms_jpeg_baseline.dcm"),
+            ],
+            capture_output=True,
+        )
+        assert good.returncode == 0, good.stderr
+        storage = service.workdir / "var"
+        deadline = time.monotonic() + 60
+        while unfinished(storage) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert outcomes(storage) == {"reported": 1}
         log = service.log_text()
         assert "Traceback" not in log and "thread died" not in log
         assert resident_mib(service) < 3000
