@@ -1,4 +1,4 @@
-"""Shared fixtures: where things are, the shipped model, and the real FHIR server."""
+"""Shared fixtures: where things are, the shipped model, the real FHIR server and Orthanc."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.integration.orthanc_server import OrthancServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT.parent / "shared" / "data").resolve()
@@ -63,6 +67,24 @@ def fhir_base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         raise RuntimeError(f"{venv} has no sekmet: run `make fhir-server-install`")
     with running_fhir_server(venv, tmp_path_factory.mktemp("fhir")) as base_url:
         yield base_url
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """A real Orthanc of the test module's own, as the PACS dermfusion delivers to (nothing is
+    routed to dermfusion: tests send studies to it straight). test_service.py has its own,
+    routing one."""
+    from tests.integration.orthanc_server import free_port, in_private_network, running_orthanc
+
+    if not in_private_network():
+        pytest.skip("Orthanc binds every interface: run inside `unshare -n` (make test does)")
+    with running_orthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        dicom_port=free_port(),
+        http_port=free_port(),
+        dermfusion_port=free_port(),
+    ) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -194,8 +194,12 @@ class OrthancServer:
         return response.json()
 
     def find(self, query: dict[str, Any]) -> list[Any]:
-        """Orthanc's /tools/find (Level, Query, Expand) answer."""
-        response = self._client.post("/tools/find", json=query)
+        """Orthanc's /tools/find (Level, Query, Expand) answer. Asked again once when Orthanc
+        closed the kept-alive connection meanwhile (it does after a quiet spell)."""
+        try:
+            response = self._client.post("/tools/find", json=query)
+        except httpx.RemoteProtocolError:
+            response = self._client.post("/tools/find", json=query)
         response.raise_for_status()
         return list(response.json())
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -15,14 +14,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
-
-from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from fhir_io import STUDY_UID_SYSTEM, FhirClient
-from plugin.domain import SiteCode
-from tests.conftest import SAMPLES, require_tool
 from tests.integration.dermfusion_process import DermfusionProcess
 from tests.integration.orthanc_server import OrthancServer
+from tests.integration.studies import dermoscopy_study, storescu
 
 
 @dataclass(frozen=True)
@@ -37,35 +32,21 @@ class Outcome:
 
 def make_studies(folder: Path, count: int, prefix: str) -> list[tuple[str, list[Path]]]:
     """One-image dermoscopy studies with complete demographics (no FHIR lookup needed)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    jpegs = sorted(SAMPLES.glob("ISIC_*.jpg"))
-    out = []
-    for index in range(count):
-        study_uid = generate_uid()
-        ds = dermoscopy_dataset(
-            jpegs[index % len(jpegs)],
-            transfer_syntax=JPEGBaseline8Bit,
+    return [
+        dermoscopy_study(
+            folder,
             patient_id=f"{prefix}-{index:04d}",
             patient_name="Outage^Test",
-            patient_age="050Y",
-            patient_sex="F" if index % 2 else "M",
-            study_date="20240116",
-            site=SiteCode("22943007", "Trunk"),
-            study_uid=study_uid,
+            first_image=index,
+            sex="F" if index % 2 else "M",
         )
-        out.append((study_uid, [write_dataset(ds, folder / f"{prefix}-{index:04d}.dcm")]))
-    return out
+        for index in range(count)
+    ]
 
 
-def storescu(ae_title: str, port: int, files: Sequence[Path]) -> bool:
+def sent(ae_title: str, port: int, files: Sequence[Path]) -> bool:
     """True when every file was acknowledged with success."""
-    run = subprocess.run(
-        [require_tool("storescu"), "-R", "-xy", "-aec", ae_title, "127.0.0.1", str(port)]
-        + [str(f) for f in files],
-        capture_output=True,
-        text=True,
-    )
-    return run.returncode == 0
+    return storescu(ae_title, port, files).returncode == 0
 
 
 def sr_counts(orthanc: OrthancServer) -> dict[str, int]:
@@ -175,7 +156,7 @@ def sigkill_burst(
             while True:
                 with restart:
                     _ensure_running(service)
-                if storescu(service.ae_title, service.port, files):
+                if sent(service.ae_title, service.port, files):
                     break
                 resent += 1
         thread.join(timeout=0.6 * studies + 120.0)
@@ -224,7 +205,7 @@ def peers_down(
     with _down(orthanc, pacs), (fhir_down() if fhir else _nothing()):
         started = time.monotonic()
         for _, files in batch:
-            assert storescu(service.ae_title, service.port, files)
+            assert sent(service.ae_title, service.port, files)
         time.sleep(max(0.0, outage_seconds - (time.monotonic() - started)))
         if before_return is not None:
             before_return(uids)  # e.g. what the peer that stayed up got meanwhile

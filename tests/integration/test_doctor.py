@@ -4,7 +4,6 @@ all green, then each peer away in turn (its own line red, exit status 1)."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,6 @@ from tests.integration.orthanc_server import OrthancServer, in_private_network, 
 
 pytestmark = pytest.mark.integration
 DOCTOR_TIMEOUT_S = 180  # loads the model and runs one inference on a busy 2-core machine
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    if not in_private_network():
-        pytest.skip("Orthanc binds every interface: run inside `unshare -n` (make test does)")
-    with running_orthanc(
-        tmp_path_factory.mktemp("orthanc"),
-        dicom_port=free_port(),
-        http_port=free_port(),
-        dermfusion_port=free_port(),
-    ) as server:
-        yield server
 
 
 def _doctor(config: Path) -> tuple[int, dict[str, str]]:

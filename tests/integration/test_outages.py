@@ -13,24 +13,11 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.integration.dermfusion_process import free_port, running_dermfusion
 from tests.integration.fhir_server import running_fhir_server
-from tests.integration.orthanc_server import OrthancServer, in_private_network, running_orthanc
+from tests.integration.orthanc_server import OrthancServer
 from tests.integration.outages import peers_down, sigkill_burst, sr_counts
 
 pytestmark = pytest.mark.integration
 FHIR_VENV = REPO_ROOT / ".venv-fhir"
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    if not in_private_network():
-        pytest.skip("Orthanc binds every interface: run inside `unshare -n` (make test does)")
-    with running_orthanc(
-        tmp_path_factory.mktemp("orthanc"),
-        dicom_port=free_port(),
-        http_port=free_port(),
-        dermfusion_port=free_port(),
-    ) as server:
-        yield server
 
 
 class RestartableFhir:

@@ -19,15 +19,13 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pydicom.uid import generate_uid
 
 from dicom_io.capture import SECONDARY_CAPTURE_IMAGE_STORAGE as SECONDARY_CAPTURE
-from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from dicom_io.sr import ReportedFinding, read_reported_finding
 from fhir_io import FhirClient
 from fhir_io.reports import STUDY_UID_SYSTEM
-from plugin.domain import SiteCode
-from tests.conftest import SAMPLES, dermfusion_command, require_tool
+from tests.conftest import dermfusion_command, require_tool
 from tests.integration.dermfusion_process import (
     DermfusionProcess,
     eventually,
@@ -36,6 +34,7 @@ from tests.integration.dermfusion_process import (
     write_config,
 )
 from tests.integration.orthanc_server import OrthancServer, in_private_network, running_orthanc
+from tests.integration.studies import dermoscopy_study, storescu
 
 pytestmark = pytest.mark.integration
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -79,40 +78,11 @@ def service(
 def _study(
     tmp_path: Path, patient_id: str, *, age: str | None, sex: str | None, images: int = 1
 ) -> tuple[str, list[Path]]:
-    """A new dermoscopy study made from the shipped sample JPEGs (fresh UIDs every time)."""
-    study_uid = generate_uid()
-    files = []
-    for index, jpeg in enumerate(sorted(SAMPLES.glob("ISIC_*.jpg"))[:images]):
-        ds = dermoscopy_dataset(
-            jpeg,
-            transfer_syntax=JPEGBaseline8Bit,
-            patient_id=patient_id,
-            patient_name="Integration^Test",
-            patient_age=age,
-            patient_sex=sex,
-            study_date="20240116",
-            site=SiteCode("22943007", "Trunk"),
-            study_uid=study_uid,
-        )
-        files.append(write_dataset(ds, tmp_path / f"{patient_id}-{index}.dcm"))
-    return study_uid, files
+    return dermoscopy_study(tmp_path, patient_id=patient_id, images=images, age=age, sex=sex)
 
 
 def _storescu(ae_title: str, port: int, files: list[Path]) -> None:
-    run = subprocess.run(
-        [
-            require_tool("storescu"),
-            "-R",
-            "-xy",
-            "-aec",
-            ae_title,
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = storescu(ae_title, port, files)
     assert run.returncode == 0, run.stderr
 
 

@@ -7,26 +7,21 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
 from dicom_io.sr import ReportedFinding, read_reported_finding
-from plugin.domain import SiteCode
-from tests.conftest import SAMPLES, require_tool
 from tests.integration.dermfusion_process import (
     DermfusionProcess,
     eventually,
     free_port,
     running_dermfusion,
 )
-from tests.integration.orthanc_server import OrthancServer, in_private_network, running_orthanc
+from tests.integration.orthanc_server import OrthancServer
+from tests.integration.studies import dermoscopy_study, storescu
 
 pytestmark = pytest.mark.integration
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -35,44 +30,9 @@ PATIENT_NAME = "Pagecheck^Zelda"
 PATIENT_ID = "PAGE-ID-5150"
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    if not in_private_network():
-        pytest.skip("Orthanc binds every interface: run inside `unshare -n` (make test does)")
-    with running_orthanc(
-        tmp_path_factory.mktemp("orthanc"),
-        dicom_port=free_port(),
-        http_port=free_port(),
-        dermfusion_port=free_port(),
-    ) as server:
-        yield server
-
-
 def _study(tmp_path: Path, images: int) -> tuple[str, list[Path]]:
-    study_uid = generate_uid()
-    files = []
-    for index, jpeg in enumerate(sorted(SAMPLES.glob("ISIC_*.jpg"))[:images]):
-        ds = dermoscopy_dataset(
-            jpeg,
-            transfer_syntax=JPEGBaseline8Bit,
-            patient_id=PATIENT_ID,
-            patient_name=PATIENT_NAME,
-            patient_age="061Y",
-            patient_sex="F",
-            study_date="20240116",
-            site=SiteCode("22943007", "Trunk"),
-            study_uid=study_uid,
-        )
-        files.append(write_dataset(ds, tmp_path / f"{study_uid}-{index}.dcm"))
-    return study_uid, files
-
-
-def _storescu(called_ae: str, port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [require_tool("storescu"), "-R", "-xy", "-aec", called_ae, "127.0.0.1", str(port)]
-        + [str(f) for f in files],
-        capture_output=True,
-        text=True,
+    return dermoscopy_study(
+        tmp_path, patient_id=PATIENT_ID, patient_name=PATIENT_NAME, images=images, age="061Y"
     )
 
 
@@ -125,9 +85,9 @@ def test_metrics_health_and_status_page_after_real_studies(
         first_uid, first = _study(tmp_path, images=2)
         second_uid, second = _study(tmp_path, images=1)
         for files in (first, second):
-            run = _storescu(service.ae_title, service.port, files)
+            run = storescu(service.ae_title, service.port, files)
             assert run.returncode == 0, run.stderr
-        refused = _storescu("NOT-OURS", service.port, second)
+        refused = storescu("NOT-OURS", service.port, second)
         assert refused.returncode != 0  # association rejected: called AE is not ours
         srs = {
             uid: eventually(

@@ -25,7 +25,7 @@ from tests.integration.dermfusion_process import (
     free_port,
     write_config,
 )
-from tests.integration.orthanc_server import OrthancServer, in_private_network, running_orthanc
+from tests.integration.orthanc_server import OrthancServer
 from tests.integration.test_service import (
     _captures_in_orthanc,
     _srs_in_orthanc,
@@ -34,19 +34,6 @@ from tests.integration.test_service import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    if not in_private_network():
-        pytest.skip("Orthanc binds every interface: run inside `unshare -n` (make test does)")
-    with running_orthanc(
-        tmp_path_factory.mktemp("orthanc"),
-        dicom_port=free_port(),
-        http_port=free_port(),
-        dermfusion_port=free_port(),  # nothing is routed: studies go straight to dermfusion
-    ) as server:
-        yield server
 
 
 @contextmanager
