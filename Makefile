@@ -44,6 +44,13 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 
+# The reference documents generated from the code: docs/dicom-conformance.md, docs/fhir.md,
+# docs/configuration.md (the unit tests fail when the committed ones are stale).
+docs: install
+	$(BIN)/python -m plugin.reference_docs
+
+.PHONY: docs
+
 # Integration tests start Orthanc, which has no bind-address option: run them in a private
 # network namespace (loopback only) when the platform allows it.
 test: install fhir-server-install system-deps orthanc-install lint

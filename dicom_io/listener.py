@@ -23,6 +23,10 @@ Decisions (why):
   pynetdicom's own limit counts every open socket, which let ten idle connections lock every
   modality out: it is set far above ours and only guards against thread exhaustion. Each
   refusal is one log line: calling AE, peer address, reason; never a patient identifier.
+- An optional ``AssociationAudit`` (the service's audit trail) hears of each admission, each
+  refusal (with the reason logged) and each close (with the instances stored, per study and
+  SOP class, and the C-STOREs refused); like ``on_refusal``, an observer that raises is logged
+  and changes no answer.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import socket
 import ssl
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from types import TracebackType
@@ -61,6 +66,7 @@ from dicom_io.status import (
 )
 
 __all__ = [
+    "AssociationAudit",
     "AssociationLimits",
     "InstanceSink",
     "ReceivedInstance",
@@ -136,6 +142,44 @@ class InstanceSink(Protocol):
         """No more instances will arrive on this association (released or aborted)."""
 
 
+class AssociationAudit(Protocol):
+    """Hears of associations for the audit trail (no patient data is passed)."""
+
+    def association_accepted(self, calling_ae: str, called_ae: str, peer: str) -> None:
+        """Admitted (``peer``: the requestor's address)."""
+
+    def association_refused(
+        self, calling_ae: str, called_ae: str, peer: str, reason: str, label: str
+    ) -> None:
+        """Rejected; ``reason`` is the logged line's reason, ``label`` its kind (called-ae,
+        calling-ae, association-limit, congestion)."""
+
+    def association_ended(
+        self,
+        calling_ae: str,
+        peer: str,
+        stored: Mapping[str, Mapping[str, int]],
+        refused: int,
+    ) -> None:
+        """Released or aborted; ``stored``: {Study Instance UID: {SOP Class UID: count}}."""
+
+
+@dataclass
+class _Tally:
+    """What one admitted association did, for its audit record."""
+
+    calling_ae: str
+    peer: str
+    stored: Counter[tuple[str, str]] = field(default_factory=Counter)  # (study, SOP class)
+    refused: int = 0
+
+    def by_study(self) -> dict[str, dict[str, int]]:
+        studies: dict[str, dict[str, int]] = {}
+        for (study, sop_class), count in self.stored.items():
+            studies.setdefault(study, {})[sop_class] = count
+        return studies
+
+
 def enable_tcp_nodelay(event: Event) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off on the association's socket."""
     sock = event.assoc.dul.socket
@@ -159,12 +203,15 @@ class StorageListener:
         ssl_context: ssl.SSLContext | None = None,
         capacity: Callable[[], str | None] | None = None,
         on_refusal: Callable[[str, str], None] | None = None,
+        audit: AssociationAudit | None = None,
     ) -> None:
         """``capacity``: asked before each association is admitted; a reason (one line)
         refuses it as temporary congestion (e.g. the disk is nearly full). ``on_refusal``
         hears of each refusal as (``"association"``, why) or (``"c-store"``, ``"0xA700"``): the
-        service counts them for its metrics."""
+        service counts them for its metrics. ``audit`` hears of each association."""
         self._address = (host, port)
+        self._audit = audit
+        self._tallies: dict[Association, _Tally] = {}
         self._on_refusal = on_refusal
         self._capacity = capacity
         self._sink = sink
@@ -256,7 +303,9 @@ class StorageListener:
             if refusal is None:
                 self._admitted[assoc] = peer
                 self._ids[assoc] = uuid.uuid4().hex
+                self._tallies[assoc] = _Tally(calling, peer)
         if refusal is None:
+            self._tell_audit(lambda a: a.association_accepted(calling, called, peer))
             return
         reason, rj = refusal
         LOG.warning(
@@ -270,6 +319,8 @@ class StorageListener:
         assoc.acse.send_reject(*rj)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
+        label = _RJ_LABELS.get(rj, "other")
+        self._tell_audit(lambda a: a.association_refused(calling, called, peer, reason, label))
 
     def _refusal(
         self, assoc: Association, calling: str, called: str, peer: str
@@ -301,13 +352,20 @@ class StorageListener:
         with self._lock:
             self._ids.pop(event.assoc, None)
             self._admitted.pop(event.assoc, None)
+            self._tallies.pop(event.assoc, None)
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
             association_id = self._ids.pop(event.assoc, None)
             self._admitted.pop(event.assoc, None)
+            tally = self._tallies.pop(event.assoc, None)
         if association_id is not None:
             self._sink.association_closed(association_id)
+        if tally is not None:
+            stored, refused = tally.by_study(), tally.refused
+            self._tell_audit(
+                lambda a: a.association_ended(tally.calling_ae, tally.peer, stored, refused)
+            )
 
     # C-STORE
 
@@ -334,8 +392,29 @@ class StorageListener:
                 exc_info=LOG.isEnabledFor(logging.DEBUG),
             )
             self._tell_refusal("c-store", f"0x{int(status):04X}")
+            self._count(assoc, None)
             return int(status)
+        self._count(assoc, instance)
         return int(StoreStatus.SUCCESS)
+
+    def _count(self, assoc: Association, stored: ReceivedInstance | None) -> None:
+        """One C-STORE of ``assoc`` for its audit record: stored, or (None) refused."""
+        with self._lock:
+            tally = self._tallies.get(assoc)
+            if tally is None:
+                return
+            if stored is None:
+                tally.refused += 1
+            else:
+                tally.stored[(stored.study_instance_uid, stored.sop_class_uid)] += 1
+
+    def _tell_audit(self, call: Callable[[AssociationAudit], None]) -> None:
+        if self._audit is None:
+            return
+        try:
+            call(self._audit)
+        except Exception:  # noqa: BLE001 - auditing must never change a DICOM answer
+            LOG.exception("association audit observer failed")
 
     def _tell_refusal(self, kind: str, label: str) -> None:
         if self._on_refusal is None:

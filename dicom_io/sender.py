@@ -10,12 +10,19 @@ Exceptions (the outbox decides from the class whether to retry)::
 
 Warning statuses (B000, B006, B007) mean the peer stored the instance: they count as success
 and are logged. One log line per send, naming the instance and the peer.
+
+With an ``ssl_context`` (``dicom_io.tls.client_tls_context``) the association runs over DICOM TLS;
+a failed handshake (certificate not verified, wrong host name) is a PacsUnavailableError that
+says so in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -38,6 +45,8 @@ VERIFICATION = UID("1.2.840.10008.1.1")
 # Uncompressed syntaxes every Storage SCP must accept (Implicit VR LE is the DICOM default).
 _PROPOSED_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _WARNINGS = frozenset(int(warning) for warning in StoreWarning)
+# How long the TLS diagnosis waits for the PACS's verdict on our client certificate.
+_CLIENT_CERTIFICATE_VERDICT_S = 1.0
 
 
 class PacsError(Exception):
@@ -70,6 +79,7 @@ class CStoreSender:
         acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
         network_timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.calling_ae = calling_ae
         self.peer_ae = peer_ae
@@ -79,6 +89,7 @@ class CStoreSender:
         self.acse_timeout = acse_timeout
         self.dimse_timeout = dimse_timeout
         self.network_timeout = network_timeout
+        self.ssl_context = ssl_context
 
     @property
     def peer(self) -> str:
@@ -149,6 +160,7 @@ class CStoreSender:
                 (evt.EVT_CONN_OPEN, enable_tcp_nodelay),
                 (evt.EVT_PDU_RECV, _keep_rejection, [rejections]),
             ],
+            tls_args=None if self.ssl_context is None else (self.ssl_context, self.host),
         )
         if not assoc.is_established:
             if assoc.rejected_contexts and not assoc.accepted_contexts:
@@ -157,8 +169,48 @@ class CStoreSender:
                     f"peer accepted no presentation context for {sop_class} ({sop_class.name})",
                     None,
                 )
-            raise PacsUnavailableError(_why_not_established(assoc, rejections))
+            why = _why_not_established(assoc, rejections)
+            if self.ssl_context is not None and not rejections and assoc.is_aborted:
+                why = self._tls_failure() or why
+            raise PacsUnavailableError(why)
         return assoc
+
+    def _tls_failure(self) -> str | None:
+        """Why a TLS handshake with the peer fails, or None if it succeeds now.
+
+        pynetdicom only logs the handshake's exception and reports the association as
+        aborted, like a refused connection; a second handshake finds the reason the
+        administrator needs (an untrusted certificate, the wrong host name).
+        """
+        assert self.ssl_context is not None
+        try:
+            with (
+                socket.create_connection(
+                    (self.host, self.port), timeout=self.connection_timeout
+                ) as raw,
+                self.ssl_context.wrap_socket(raw, server_hostname=self.host) as tls,
+            ):
+                # TLS 1.3: the server judges our certificate after our side of the handshake
+                # is done, and says so in an alert; a PACS that took it waits for our request.
+                tls.settimeout(_CLIENT_CERTIFICATE_VERDICT_S)
+                with contextlib.suppress(TimeoutError):
+                    tls.recv(1)
+                return None
+        except ssl.SSLCertVerificationError as error:
+            return (
+                f"TLS handshake failed: certificate verify failed ({error.verify_message}); "
+                "check [pacs] tls_ca_certificates and host"
+            )
+        except ssl.SSLError as error:
+            reason = str(error.reason or error)
+            if "CERTIFICATE" in reason.upper():  # e.g. TLSV13_ALERT_CERTIFICATE_REQUIRED
+                return (
+                    f"TLS handshake failed: the PACS refused our certificate ({reason}); "
+                    "check [pacs] tls_certificate and tls_private_key"
+                )
+            return f"TLS handshake failed: {reason}"
+        except OSError:
+            return None  # not TLS: refused or timed out, as the association said
 
     def _store(self, ds: Dataset, sop_class: UID, syntax: UID) -> int:
         """The peer's status for ``ds``; only success and warnings return."""

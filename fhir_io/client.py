@@ -10,7 +10,9 @@ Request: GET <url>") gets a filter that drops query strings (server paging links
 from __future__ import annotations
 
 import logging
+import os
 import re
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -60,7 +62,9 @@ class FhirClient:
     """Talks JSON to one FHIR R4 server's base URL (e.g. ``http://host:8080/fhir``).
 
     ``transport`` replaces the network (``httpx.MockTransport`` in unit tests). The client owns
-    its connection pool: use it as a context manager or call ``close()``.
+    its connection pool: use it as a context manager or call ``close()``. ``auth`` is how we
+    prove who we are (``fhir_io.auth``); ``verify`` a CA bundle (PEM path) that https
+    certificates must chain to instead of the system store.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class FhirClient:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
+        auth: httpx.Auth | None = None,
+        verify: str | os.PathLike[str] | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
@@ -83,9 +89,15 @@ class FhirClient:
             transport=transport,
             headers={"Accept": FHIR_JSON, **(headers or {})},
             follow_redirects=False,
+            auth=auth,
+            verify=https_context(verify),
         )
 
     # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def auth(self) -> httpx.Auth | None:
+        return self._http.auth
 
     def close(self) -> None:
         self._http.close()
@@ -250,8 +262,10 @@ class FhirClient:
             )
         if status >= 400:
             diagnostics = _diagnostics(response, redact)
+            # 401 after a fresh token, or 403: the credentials, not this request, need fixing.
+            why = {401: " (not authenticated)", 403: " (not authorised)"}.get(status, "")
             raise FhirRejectedError(
-                f"{what}: FHIR server rejected it with {status}: {diagnostics}",
+                f"{what}: FHIR server rejected it with {status}{why}: {diagnostics}",
                 status=status,
                 diagnostics=diagnostics,
             )
@@ -264,6 +278,16 @@ class FhirClient:
         if not isinstance(body, dict):
             raise FhirError(f"{what}: answer {status} is not a FHIR resource")
         return body
+
+
+def https_context(ca_certificates: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """TLS 1.2 or later, certificates verified against ``ca_certificates`` (PEM) or, without
+    it, the system CA store; host names checked."""
+    context = ssl.create_default_context(
+        cafile=None if ca_certificates is None else os.fspath(ca_certificates)
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _check_searchset(body: dict[str, Any], what: str) -> None:

@@ -7,6 +7,7 @@ types and checks them, so bad values are refused with the key that holds them.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ DIMSE = "dimse"
 STOW_RS = "stow-rs"
 # The C-STORE peer; STOW-RS needs only dicomweb_url, so these may be left out with it.
 _DIMSE_PEER_KEYS = {"ae_title", "host", "port"}
+_PACS_TLS_KEYS = {"tls_ca_certificates", "tls_certificate", "tls_private_key", "tls_check_hostname"}
+_FHIR_BEARER_KEYS = {"bearer_token_file", "bearer_token_env"}
+_FHIR_CLIENT_CREDENTIALS_KEYS = {
+    "token_url", "client_id", "client_secret_file", "client_secret_env", "scope"
+}  # fmt: skip
+_FHIR_AUTH_KEYS = _FHIR_BEARER_KEYS | _FHIR_CLIENT_CREDENTIALS_KEYS
 
 
 class ConfigError(ValueError):
@@ -62,12 +69,39 @@ class PacsSettings:
     port: int = 0
     protocol: str = DIMSE
     dicomweb_url: str = ""
+    # DICOM TLS for our C-STORE (dimse only): on with a CA; our certificate only if required.
+    tls_ca_certificates: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_check_hostname: bool = True
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where a token or client secret is read from: a file or an environment variable (never
+    the TOML itself, which more people can read than the secret should reach)."""
+
+    file: Path | None = None
+    env: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientCredentialsSettings:
+    """OAuth2 client credentials grant; the secret, like a token, comes from a file or env."""
+
+    token_url: str
+    client_id: str
+    client_secret: SecretSource
+    scope: str = ""
 
 
 @dataclass(frozen=True)
 class FhirSettings:
     base_url: str
     patient_identifier_system: str
+    ca_certificates: Path | None = None  # PEM for https; None: the system CA store
+    bearer_token: SecretSource | None = None
+    client_credentials: ClientCredentialsSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +176,26 @@ class ModelSettings:
 
 
 @dataclass(frozen=True)
+class SyslogSettings:
+    """The audit collector: RFC 5424 over TCP (octet counting), with TLS per RFC 5425."""
+
+    host: str
+    port: int
+    tls: bool = False
+    ca_certificates: Path | None = None  # PEM; None: the system CA store (with tls)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The ATNA audit trail (plugin.audit); ``file`` is relative to ``[storage] dir``."""
+
+    enabled: bool = True
+    file: Path = Path("audit/audit.log")
+    source_id: str = "DERMFUSION"
+    syslog: SyslogSettings | None = None  # None: the file only
+
+
+@dataclass(frozen=True)
 class Settings:
     listener: ListenerSettings
     study: StudySettings
@@ -154,6 +208,7 @@ class Settings:
     model: ModelSettings
     retention: RetentionSettings = RetentionSettings(keep_days=0.0)
     http: HttpSettings | None = None
+    audit: AuditSettings = AuditSettings()
 
     @property
     def patient_identifier_system(self) -> str:
@@ -179,8 +234,29 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "tls_ca_certificates": str,
     },
     "study": {"stable_seconds": (int, float), "max_attempts": int},
-    "pacs": {"protocol": str, "ae_title": str, "host": str, "port": int, "dicomweb_url": str},
-    "fhir": {"base_url": str, "patient_identifier_system": str},
+    "pacs": {
+        "protocol": str,
+        "ae_title": str,
+        "host": str,
+        "port": int,
+        "dicomweb_url": str,
+        "tls_ca_certificates": str,
+        "tls_certificate": str,
+        "tls_private_key": str,
+        "tls_check_hostname": bool,
+    },
+    "fhir": {
+        "base_url": str,
+        "patient_identifier_system": str,
+        "ca_certificates": str,
+        "bearer_token_file": str,
+        "bearer_token_env": str,
+        "token_url": str,
+        "client_id": str,
+        "client_secret_file": str,
+        "client_secret_env": str,
+        "scope": str,
+    },
     "demographics": {"on_conflict": str, "fhir_wait_seconds": (int, float)},
     "outbox": {
         "retry_initial_seconds": (int, float),
@@ -192,6 +268,15 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "retention": {"keep_days": (int, float), "pass_minutes": (int, float)},
     "model": {"bundle_dir": str, "model_card_url": str},
     "http": {"bind_address": str, "port": int, "recent_studies": int},
+    "audit": {
+        "enabled": bool,
+        "file": str,
+        "source_id": str,
+        "syslog_host": str,
+        "syslog_port": int,
+        "syslog_tls": bool,
+        "syslog_ca_certificates": str,
+    },
 }
 _OPTIONAL_SECTIONS = {"pacs", "fhir", "http"}
 # Keys that have no default: absent means "not used" (TLS off, no client certificates) or, in
@@ -199,7 +284,10 @@ _OPTIONAL_SECTIONS = {"pacs", "fhir", "http"}
 _OPTIONAL_KEYS = {
     "listener": {"tls_certificate", "tls_private_key", "tls_ca_certificates"},
     "http": {"bind_address", "recent_studies"},
-    "pacs": {"protocol", "dicomweb_url"},  # dimse (the default) needs no URL
+    # dimse (the default) needs no URL; TLS is off without a CA
+    "pacs": {"protocol", "dicomweb_url", *_PACS_TLS_KEYS},
+    "fhir": {"ca_certificates", *_FHIR_AUTH_KEYS},  # no auth: an open (test) server
+    "audit": {"syslog_host", "syslog_port", "syslog_tls", "syslog_ca_certificates"},
 }
 
 
@@ -369,15 +457,8 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             stable_seconds=stable,
             max_attempts=_positive_count("study.max_attempts", raw["study"]["max_attempts"]),
         ),
-        pacs=None if pacs is None else _pacs(pacs),
-        fhir=None
-        if fhir is None
-        else FhirSettings(
-            base_url=fhir["base_url"].rstrip("/"),
-            patient_identifier_system=_non_blank(
-                "fhir.patient_identifier_system", fhir["patient_identifier_system"]
-            ),
-        ),
+        pacs=None if pacs is None else _pacs(pacs, base),
+        fhir=None if fhir is None else _fhir(fhir, base),
         demographics=DemographicsSettings(
             on_conflict=demographics["on_conflict"],
             fhir_wait_seconds=_non_negative(
@@ -403,10 +484,11 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
             pass_minutes=_positive("retention.pass_minutes", raw["retention"]["pass_minutes"]),
         ),
         http=None if http is None else _http(http),
+        audit=_audit(raw["audit"], base),
     )
 
 
-def _pacs(raw: dict[str, Any]) -> PacsSettings:
+def _pacs(raw: dict[str, Any], base: Path) -> PacsSettings:
     """C-STORE by default; STOW-RS needs a DICOMweb URL and nothing else. A URL without
     ``protocol = "stow-rs"`` is refused rather than ignored: it says the site meant HTTP."""
     protocol = raw.get("protocol", DIMSE)
@@ -419,6 +501,12 @@ def _pacs(raw: dict[str, Any]) -> PacsSettings:
             ae_title=_ae("pacs.ae_title", raw["ae_title"]),
             host=raw["host"],
             port=_port("pacs.port", raw["port"]),
+            **_pacs_tls(raw, base),
+        )
+    if _PACS_TLS_KEYS & set(raw):
+        raise ConfigError(
+            f"pacs.{sorted(_PACS_TLS_KEYS & set(raw))[0]} is DICOM TLS for protocol "
+            f'"{DIMSE}"; STOW-RS over https checks the server against the system CA store'
         )
     if "dicomweb_url" not in raw:
         raise ConfigError(
@@ -432,6 +520,98 @@ def _pacs(raw: dict[str, Any]) -> PacsSettings:
         protocol=STOW_RS,
         dicomweb_url=_http_url("pacs.dicomweb_url", raw["dicomweb_url"]),
     )
+
+
+def _pacs_tls(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The C-STORE's TLS fields: a CA turns TLS on; a client certificate needs its key and the
+    CA (a certificate over plain TCP would be a configuration mistake, not a choice)."""
+    ca, certificate, key = (
+        raw.get(k) for k in ("tls_ca_certificates", "tls_certificate", "tls_private_key")
+    )
+    if (certificate is None) != (key is None):
+        raise ConfigError("pacs.tls_certificate and pacs.tls_private_key go together")
+    if ca is None and (certificate is not None or "tls_check_hostname" in raw):
+        raise ConfigError(
+            "pacs.tls_certificate, tls_private_key and tls_check_hostname need "
+            "pacs.tls_ca_certificates (the CA that signed the PACS's certificate)"
+        )
+    return {
+        "tls_ca_certificates": None if ca is None else _path(base, ca),
+        "tls_certificate": None if certificate is None else _path(base, certificate),
+        "tls_private_key": None if key is None else _path(base, key),
+        "tls_check_hostname": raw.get("tls_check_hostname", True),
+    }
+
+
+def _fhir(raw: dict[str, Any], base: Path) -> FhirSettings:
+    """The EHR's endpoint and how we authenticate to it: nothing, a static bearer token, or
+    OAuth2 client credentials (not both). Secrets are checked readable here, so a missing file
+    or unset variable stops the start, not the first report; they are not kept in settings."""
+    ca = raw.get("ca_certificates")
+    bearer = [k for k in sorted(_FHIR_BEARER_KEYS) if k in raw]
+    credentials = [k for k in sorted(_FHIR_CLIENT_CREDENTIALS_KEYS) if k in raw]
+    if bearer and credentials:
+        raise ConfigError(
+            f"fhir.{bearer[0]} and fhir.{credentials[0]}: use a bearer token or OAuth2 client "
+            "credentials, not both"
+        )
+    if len(bearer) > 1:
+        raise ConfigError("fhir.bearer_token_file and fhir.bearer_token_env: use one")
+    client_credentials = None
+    if credentials:
+        if "token_url" not in raw:
+            raise ConfigError(f"fhir.{credentials[0]} needs fhir.token_url (the OAuth2 endpoint)")
+        if "client_id" not in raw:
+            raise ConfigError("fhir.token_url needs fhir.client_id")
+        client_credentials = ClientCredentialsSettings(
+            token_url=_http_url("fhir.token_url", raw["token_url"]),
+            client_id=_non_blank("fhir.client_id", raw["client_id"]),
+            client_secret=_secret_source(raw, "client_secret", base),
+            scope=raw.get("scope", "").strip(),
+        )
+    return FhirSettings(
+        base_url=raw["base_url"].rstrip("/"),
+        patient_identifier_system=_non_blank(
+            "fhir.patient_identifier_system", raw["patient_identifier_system"]
+        ),
+        ca_certificates=None if ca is None else _readable(base, "fhir.ca_certificates", ca),
+        bearer_token=_secret_source(raw, "bearer_token", base) if bearer else None,
+        client_credentials=client_credentials,
+    )
+
+
+def _secret_source(raw: dict[str, Any], name: str, base: Path) -> SecretSource:
+    """``<name>_file`` or ``<name>_env`` (exactly one), checked to hold a value now."""
+    file, env = raw.get(f"{name}_file"), raw.get(f"{name}_env")
+    if (file is None) == (env is None):
+        raise ConfigError(f"fhir.{name}_file or fhir.{name}_env: set exactly one")
+    if env is not None:
+        if not read_secret(SecretSource(env=env)):
+            raise ConfigError(f"fhir.{name}_env: environment variable {env} is unset or empty")
+        return SecretSource(env=env)
+    path = _readable(base, f"fhir.{name}_file", file)
+    if not read_secret(SecretSource(file=path)):
+        raise ConfigError(f"fhir.{name}_file: {path} is empty")
+    return SecretSource(file=path)
+
+
+def _readable(base: Path, key: str, value: str) -> Path:
+    path = _path(base, value)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{key}: {path} cannot be read ({error.strerror})") from None
+    return path
+
+
+def read_secret(source: SecretSource) -> str:
+    """The secret's current value (stripped; empty if unset). Read on use, so a rotated file
+    is picked up without a restart."""
+    if source.env is not None:
+        return os.environ.get(source.env, "").strip()
+    assert source.file is not None
+    return source.file.read_text(encoding="utf-8").strip()
 
 
 def _http_url(key: str, value: str) -> str:
@@ -449,6 +629,33 @@ def _http_url(key: str, value: str) -> str:
     if parts.query or parts.fragment:
         raise ConfigError(f"{key} must not have a query or fragment, got {value!r}")
     return value.strip().rstrip("/")
+
+
+def _audit(raw: dict[str, Any], base: Path) -> AuditSettings:
+    """The audit trail; syslog forwarding only with ``syslog_host`` (and then its port)."""
+    syslog_keys = {"syslog_port", "syslog_tls", "syslog_ca_certificates"} & set(raw)
+    syslog = None
+    if "syslog_host" in raw:
+        if "syslog_port" not in raw:
+            raise ConfigError("audit.syslog_host needs audit.syslog_port")
+        tls = raw.get("syslog_tls", False)
+        ca = raw.get("syslog_ca_certificates")
+        if ca and not tls:
+            raise ConfigError("audit.syslog_ca_certificates needs audit.syslog_tls = true")
+        syslog = SyslogSettings(
+            host=_non_blank("audit.syslog_host", raw["syslog_host"]),
+            port=_port("audit.syslog_port", raw["syslog_port"]),
+            tls=tls,
+            ca_certificates=_path(base, ca) if ca else None,
+        )
+    elif syslog_keys:
+        raise ConfigError(f"audit.{sorted(syslog_keys)[0]} needs audit.syslog_host")
+    return AuditSettings(
+        enabled=raw["enabled"],
+        file=Path(_non_blank("audit.file", raw["file"])),
+        source_id=_non_blank("audit.source_id", raw["source_id"]),
+        syslog=syslog,
+    )
 
 
 def _http(raw: dict[str, Any]) -> HttpSettings:

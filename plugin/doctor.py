@@ -232,7 +232,12 @@ def check_pacs(pacs: PacsSettings | None, calling_ae: str) -> Check:
     if pacs.protocol == STOW_RS:
         return _check_dicomweb(pacs.dicomweb_url)
     from dicom_io.sender import CStoreSender
+    from plugin.peers import pacs_tls_context
 
+    try:
+        ssl_context = pacs_tls_context(pacs)
+    except ConfigError as error:
+        return _red("pacs", str(error), "check [pacs] tls_* (PEM files readable by dermfusion)")
     sender = CStoreSender(
         calling_ae=calling_ae,
         peer_ae=pacs.ae_title,
@@ -242,6 +247,7 @@ def check_pacs(pacs: PacsSettings | None, calling_ae: str) -> Check:
         acse_timeout=PACS_ASSOCIATION_TIMEOUT_S,
         dimse_timeout=PACS_ASSOCIATION_TIMEOUT_S,
         network_timeout=PACS_ASSOCIATION_TIMEOUT_S,
+        ssl_context=ssl_context,
     )
     # A plain TCP connect first: pynetdicom reports refused, timed out and unresolvable alike
     # as "aborted", and the fix differs.
@@ -352,7 +358,9 @@ def check_fhir(fhir: FhirSettings | None, transport: httpx.BaseTransport | None 
         return Check("fhir", True, "not configured (results stay in outbox)")
     import httpx
 
-    from fhir_io.client import FHIR_JSON
+    from fhir_io import FhirError
+    from fhir_io.client import FHIR_JSON, https_context
+    from plugin.peers import fhir_auth
 
     url = f"{fhir.base_url}/metadata"
     where = "check [fhir] base_url"
@@ -362,8 +370,12 @@ def check_fhir(fhir: FhirSettings | None, transport: httpx.BaseTransport | None 
             transport=transport,
             headers={"Accept": FHIR_JSON},
             follow_redirects=False,
+            verify=https_context(fhir.ca_certificates),
+            auth=fhir_auth(fhir),
         ) as http:
             response = http.get(url)
+    except FhirError as error:  # the OAuth2 token request failed (names no secret)
+        return _red("fhir", str(error), "check [fhir] token_url, client_id and client secret")
     except httpx.TimeoutException:
         return _red(
             "fhir",

@@ -29,6 +29,14 @@ PACS = "pacs"
 FHIR = "fhir"
 
 
+class ResultAudit(Protocol):
+    """Hears of each result delivered, refused (to be retried) or parked (the audit trail)."""
+
+    def results_sent(
+        self, study_uid: str | None, destination: str, outcome: str, key: str = ""
+    ) -> None: ...
+
+
 class Destination(Protocol):
     def deliver(self, item: OutboxItem) -> None: ...
 
@@ -89,6 +97,7 @@ class Outbox:
     destinations: dict[str, Destination]
     backoff: Backoff
     max_attempts: int = 10  # refusals (or unreadable file) before an item is parked
+    audit: ResultAudit | None = None
 
     def deliver_due(self, now: float, limit: int = 20) -> int:
         """Try every item that is due; returns how many were delivered.
@@ -110,6 +119,7 @@ class Outbox:
                 continue
             self.store.delivered(item.key, now)
             log.info("outbox: delivered %s to %s", item.key, item.destination)
+            self._tell_audit(item, "delivered")
             delivered += 1
         return delivered
 
@@ -131,6 +141,7 @@ class Outbox:
         rejections = item.rejections + 1
         if rejections >= self.max_attempts:
             self.store.reject_delivery(item.key, reason, now, None)
+            self._tell_audit(item, "parked")
             log.error(
                 "outbox: %s to %s parked after %d refused attempt(s): %s",
                 item.key,
@@ -141,6 +152,7 @@ class Outbox:
             return
         delay = self.backoff.delay(rejections - 1)
         self.store.reject_delivery(item.key, reason, now, now + delay)
+        self._tell_audit(item, "refused")
         log.warning(
             "outbox: %s to %s refused (attempt %d, %d of %d before parking), retry in %.0f s: %s",
             item.key,
@@ -151,3 +163,12 @@ class Outbox:
             delay,
             cause,
         )
+
+    def _tell_audit(self, item: OutboxItem, outcome: str) -> None:
+        """A transient failure (peer away) is not audited: nothing was sent or refused."""
+        if self.audit is None:
+            return
+        try:
+            self.audit.results_sent(item.study_instance_uid, item.destination, outcome, item.key)
+        except Exception:  # noqa: BLE001 - auditing must never change what the outbox does
+            log.exception("outbox: audit observer failed")

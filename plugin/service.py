@@ -29,12 +29,14 @@ from dicom_io.spool import private_directory, write_bytes_durably
 from dicom_io.stow import StowRsSender
 from dicom_io.tls import server_tls_context
 from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError, demographics_from_patient
+from plugin.audit import audit_trail
 from plugin.config import STOW_RS, ConfigError, ListenerSettings, Settings
 from plugin.demographics import ConflictPolicy, merge, needs_lookup
 from plugin.domain import Demographics, is_uid
 from plugin.failures import describe, is_environmental
 from plugin.monitoring import ServiceHealth, ServiceMetrics, StateGauges, StatusServer
 from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
+from plugin.peers import fhir_client, pacs_tls_context
 from plugin.pipeline import ImageReport, ReportPipeline, report_pipeline
 from plugin.retention import MIB, FreeSpaceWatermark, Retention
 from plugin.state import InstanceRow, OutboxItem, ScoredResult, SqliteStateStore, StateStore
@@ -330,8 +332,9 @@ class DermfusionService:
         for folder in (storage.dir, storage.spool, storage.outbox):
             private_directory(folder, tighten=True)
         self.store = SqliteStateStore(storage.state_database)
+        self.audit = audit_trail(self.settings)  # None with [audit] enabled = false
         self.metrics = ServiceMetrics()
-        self.fhir = FhirClient(self.settings.fhir.base_url) if self.settings.fhir else None
+        self.fhir = fhir_client(self.settings.fhir) if self.settings.fhir else None
         destinations: dict[str, Destination] = {}
         if self.settings.pacs is not None:
             pacs = self.settings.pacs
@@ -346,13 +349,16 @@ class DermfusionService:
                     peer_ae=pacs.ae_title,
                     host=pacs.host,
                     port=pacs.port,
+                    ssl_context=pacs_tls_context(pacs),
                 )
             destinations[PACS] = PacsDestination(sender)
         if self.fhir is not None:
             destinations[FHIR] = FhirDestination(self.fhir)
         outbox = self.settings.outbox
         self.backoff = Backoff(outbox.retry_initial_seconds, outbox.retry_max_seconds)
-        self.outbox = Outbox(self.store, destinations, self.backoff, outbox.max_attempts)
+        self.outbox = Outbox(
+            self.store, destinations, self.backoff, outbox.max_attempts, audit=self.audit
+        )
         self.processor = StudyProcessor(
             store=self.store,
             pipeline=report_pipeline(self.settings),
@@ -385,6 +391,7 @@ class DermfusionService:
             ),
             capacity=self.watermark.shortfall,
             on_refusal=lambda kind, why: self.metrics.refusals.labels(kind, why).inc(),
+            audit=self.audit,
         )
         self.scorer = StudyScorer(
             store=self.store,
@@ -429,6 +436,8 @@ class DermfusionService:
                     pause=pause,
                 )
             )
+        if self.audit is not None and self.audit.forwarder is not None:
+            workers.append(self.audit.forwarder.worker(self._stop))  # to the syslog collector
         self._supervisor = Supervisor(
             workers,
             self._stop,
@@ -456,6 +465,8 @@ class DermfusionService:
         reopened = self.store.close_all_associations(time.time())
         if reopened:
             log.info("recovered %d association(s) left open by the previous run", reopened)
+        if self.audit is not None:
+            self.audit.service_started()
         self.listener.start()
         self._supervisor.start()
         if self.http is not None:
@@ -477,6 +488,8 @@ class DermfusionService:
         return self._supervisor.healthy()
 
     def stop(self) -> None:
+        if self.audit is not None:
+            self.audit.service_stopped()
         self._stop.set()
         if self.http is not None:
             self.http.stop()
@@ -484,6 +497,8 @@ class DermfusionService:
         self._supervisor.join(timeout=30)
         if self.fhir is not None:
             self.fhir.close()
+        if self.audit is not None:
+            self.audit.close()
         self.store.close()
 
     def run_forever(self) -> None:

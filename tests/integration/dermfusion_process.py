@@ -109,9 +109,11 @@ def write_config(
     min_free_mb: int = 0,
     retention: Sequence[str] = (),
     http_port: int | None = None,
+    extra: Sequence[str] = (),
 ) -> Path:
     """A site file for one test run; ``listener`` and ``retention`` lines are added to their
-    sections as is. No free-space watermark unless asked for (test machines vary)."""
+    sections as is, ``extra`` lines (raw TOML, e.g. a whole section) at the end. No free-space
+    watermark unless asked for (test machines vary)."""
     lines = [
         "[listener]",
         f"port = {port}",
@@ -143,6 +145,7 @@ def write_config(
             f'base_url = "{fhir_url}"',
             'patient_identifier_system = "urn:dermfusion:patient-id"',
         ]
+    lines += extra
     path.write_text("\n".join(lines) + "\n")
     return path
 
