@@ -50,6 +50,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_io.images import DECODABLE_SYNTAXES, SopClass
@@ -231,6 +232,11 @@ class StorageListener:
         self._ids: dict[Association, str] = {}
         self._admitted: dict[Association, str] = {}  # association -> peer address
         self._lock = threading.Lock()
+
+    @property
+    def supported_contexts(self) -> list[PresentationContext]:
+        """What a peer can negotiate (the conformance statement lists these)."""
+        return list(self._ae.supported_contexts)
 
     @property
     def port(self) -> int:

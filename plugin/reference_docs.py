@@ -217,8 +217,8 @@ class _NoSink:
 def storage_listener(settings: Settings | None = None) -> Any:
     """A ``StorageListener`` built as ``dermfusion serve`` builds it from the default config
     (not started: no port is bound)."""
-    from dicom_io.listener import AssociationLimits, StorageListener
-    from plugin.retention import MIB
+    from dicom_io.listener import StorageListener
+    from plugin.service import association_limits
 
     listener = (settings or load_settings()).listener
     return StorageListener(
@@ -226,23 +226,16 @@ def storage_listener(settings: Settings | None = None) -> Any:
         port=listener.port,
         host=listener.bind_address,
         allowed_calling_aes=listener.allowed_calling_aes,
-        limits=AssociationLimits(
-            total=listener.max_associations,
-            per_peer=listener.max_associations_per_peer,
-            idle_timeout=listener.idle_timeout_seconds,
-            max_instance_bytes=listener.max_instance_mb * MIB,
-            max_pixels=listener.max_pixels,
-        ),
+        limits=association_limits(listener),
         sink=_NoSink(),
     )
 
 
 def listener_contexts(listener: Any) -> list[tuple[str, list[str]]]:
     """(abstract syntax, transfer syntaxes) the listener's pynetdicom AE accepts, as SCP."""
-    ae = listener._ae  # the AE that start() serves: what a peer negotiates with
     return [
         (str(context.abstract_syntax), [str(ts) for ts in context.transfer_syntax])
-        for context in ae.supported_contexts
+        for context in listener.supported_contexts
     ]
 
 

@@ -63,6 +63,17 @@ def listener_tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
         raise ConfigError(f"listener TLS files cannot be used: {error}") from None
 
 
+def association_limits(listener: ListenerSettings) -> AssociationLimits:
+    """The listener's limits from ``[listener]`` (serve and the conformance statement)."""
+    return AssociationLimits(
+        total=listener.max_associations,
+        per_peer=listener.max_associations_per_peer,
+        idle_timeout=listener.idle_timeout_seconds,
+        max_instance_bytes=listener.max_instance_mb * MIB,
+        max_pixels=listener.max_pixels,
+    )
+
+
 def _safe_uid(value: str, name: str) -> str:
     """UIDs become path components in the spool: refuse anything that is not a UID."""
     if not is_uid(value):
@@ -378,13 +389,7 @@ class DermfusionService:
             port=listener.port,
             host=listener.bind_address,
             allowed_calling_aes=listener.allowed_calling_aes,
-            limits=AssociationLimits(
-                total=listener.max_associations,
-                per_peer=listener.max_associations_per_peer,
-                idle_timeout=listener.idle_timeout_seconds,
-                max_instance_bytes=listener.max_instance_mb * MIB,
-                max_pixels=listener.max_pixels,
-            ),
+            limits=association_limits(listener),
             ssl_context=listener_tls_context(listener),
             sink=SpoolSink(
                 storage.spool, self.store, watermark=self.watermark, metrics=self.metrics

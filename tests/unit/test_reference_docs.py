@@ -93,7 +93,7 @@ def test_conformance_lists_exactly_the_sop_classes_and_syntaxes_the_listener_acc
     listener = StorageListener(ae_title="DERMFUSION", port=0, sink=_Sink())
     contexts = {
         str(c.abstract_syntax): {str(ts) for ts in c.transfer_syntax}
-        for c in listener._ae.supported_contexts
+        for c in listener.supported_contexts
     }
     text = (DOCS / "dicom-conformance.md").read_text()
     classes = _section(text, "##### 4.2.1.1 SOP classes")
