@@ -54,10 +54,12 @@ def run_fold(
     fine_tune_epochs: int | None,
     out: Path,
     data_root: str,
+    overrides: dict[str, Any] | None = None,
     **smoke: int,
 ) -> dict[str, Any]:
-    """One fold; ``smoke``: ``max_images``/``max_steps`` for a quick check (tests)."""
-    recipe = replace(shipped_recipe(), epochs=epochs)
+    """One fold; ``overrides``: recipe fields of a candidate; ``smoke``:
+    ``max_images``/``max_steps`` for a quick check (tests)."""
+    recipe = replace(shipped_recipe(), epochs=epochs, **(overrides or {}))
     if fine_tune_epochs is not None:
         recipe = replace(recipe, fine_tune_epochs=fine_tune_epochs)
     trainer = WholeNetworkTrainer(
@@ -111,13 +113,38 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "var" / "loco")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--summary", action="store_true", help="only collect the folds")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=JSON",
+        help="a candidate recipe (e.g. camera_augmentation=true); use with another --out",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if not args.summary:
         for clinic in args.clinics:
-            run_fold(clinic, args.epochs, args.fine_tune_epochs, args.out, args.data_root)
+            run_fold(
+                clinic,
+                args.epochs,
+                args.fine_tune_epochs,
+                args.out,
+                args.data_root,
+                {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)},
+            )
+    if args.set:  # a candidate: its folds are printed, not written into the bundle
+        for clinic in args.clinics:
+            print(
+                clinic,
+                json.dumps(
+                    fold_summary(
+                        json.loads((args.out / clinic / "validation_metrics.json").read_text())
+                    )
+                ),
+            )
+        return 0
     for fold in summarise(args.out)["folds"]:
         print(
             f"{fold['held_out_clinic']}: n={fold['n']} ({fold['n_melanoma']} melanoma) "

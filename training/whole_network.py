@@ -71,6 +71,9 @@ class Recipe:
     val_fraction: float = 0.2
     sensitivity_target: float = 0.95
     include_archive: bool = True
+    # BatchNorm keeps ImageNet's running statistics (its scale and shift still train), so no
+    # training clinic's image statistics are written into the network (experiment)
+    frozen_batchnorm_statistics: bool = False
     # a second stage at a larger input (progressive resizing): the same network fine-tuned for a
     # few epochs on images decoded at ``fine_tune_image_size``, on a short schedule of its own
     # whose peak is ``fine_tune_learning_rate_scale`` times the first stage's; 0 epochs: none
@@ -234,6 +237,10 @@ class WholeNetworkTrainer:
                 size = self._image_size(epoch)
                 images = decoded_images(list(frame.image), size, self.cache_dir)
             network.train()
+            if recipe.frozen_batchnorm_statistics:
+                for module in network.modules():
+                    if isinstance(module, nn.BatchNorm2d):
+                        module.eval()
             epoch_start = time.monotonic()
             order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
             running, seen = 0.0, 0
