@@ -36,6 +36,18 @@ class SaliencyCaptureWriter:
         self.series_number = series_number
         self.manufacturer = manufacturer
 
+    @staticmethod
+    def reference(ref: ImageRef, model: ModelIdentity) -> Dataset:
+        """The UIDs of the capture ``build`` will make for this image (they are derived, not
+        random): the SR names the capture as its visual explanation before the overlay is
+        computed, so the SR need not wait for Grad-CAM."""
+        header = Dataset()
+        header.StudyInstanceUID = ref.study_instance_uid
+        header.SeriesInstanceUID = capture_series_uid(ref.study_instance_uid, model)
+        header.SOPClassUID = SECONDARY_CAPTURE_IMAGE_STORAGE
+        header.SOPInstanceUID = capture_instance_uid(ref, model)
+        return header
+
     def build(
         self, *, source: Dataset, ref: ImageRef, overlay: np.ndarray, model: ModelIdentity
     ) -> hd.sc.SCImage:

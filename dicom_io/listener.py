@@ -5,8 +5,11 @@ Decisions (why):
   the transfer syntaxes ``dicom_io.images`` can decode: a mis-routed CT or a syntax we could
   not read is refused at negotiation, where the sender sees it, not accepted and lost later.
   Dermoscopic Photography is not among pynetdicom's default storage contexts: added here.
-- The handler keeps the bytes as received (``event.encoded_dataset()``: preamble, file meta,
-  data set in the negotiated syntax) and decodes only the three UIDs, stopping before pixels.
+- The handler keeps the bytes as received (preamble, file meta, data set in the negotiated
+  syntax: what ``event.encoded_dataset()`` gives) and decodes only the elements it checks: the
+  three UIDs and the image size, stopping at Columns. The File Meta Information is encoded
+  here, byte for byte as pynetdicom would (pydicom's encoder cost more than the rest of the
+  handler), and the elements are read from the data set itself, not from a Part 10 copy of it.
 - 0x0000 is returned only after ``sink.accept`` returned, i.e. after the instance is durable.
   Every failure is mapped to a status by ``dicom_io.status.status_for`` and logged on one line
   naming the peer, the association and the SOP instance; never a patient identifier.
@@ -34,8 +37,10 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,10 +48,12 @@ from io import BytesIO
 from types import TracebackType
 from typing import Protocol, cast
 
-from pydicom import dcmread
-from pydicom.tag import Tag
+from pydicom.charset import python_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -85,6 +92,7 @@ _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
 _UID_TAGS = [Tag(keyword) for keyword in _UID_KEYWORDS]
 _SIZE_KEYWORDS = ("Rows", "Columns", "NumberOfFrames")
 _READ_TAGS = _UID_TAGS + [Tag(keyword) for keyword in _SIZE_KEYWORDS]
+_LAST_READ_TAG = max(_READ_TAGS)  # (0028,0011) Columns: nothing after it is parsed
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 _RJ_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognized
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
@@ -443,17 +451,15 @@ def _received_instance(
     """The encoded instance plus its three UIDs, checked against the command and context, and
     against the size limits before anything else is decoded."""
     request = cast(C_STORE, event.request)
-    encoded = event.encoded_dataset()
-    if len(encoded) > limits.max_instance_bytes:
+    stream = event.encoded_dataset(include_meta=False)
+    if len(stream) > limits.max_instance_bytes:
         raise InstanceTooLargeError(
-            f"data set of {len(encoded) // 1024 // 1024} MiB is larger than the "
+            f"data set of {len(stream) // 1024 // 1024} MiB is larger than the "
             f"{limits.max_instance_bytes // 1024 // 1024} MiB allowed (listener.max_instance_mb)"
         )
+    syntax = UID(str(event.context.transfer_syntax))
     try:
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_READ_TAGS)
-        uids = {keyword: str(ds.get(keyword, "") or "").strip() for keyword in _UID_KEYWORDS}
-        rows, columns = (int(ds.get(k) or 0) for k in ("Rows", "Columns"))
-        frames = int(ds.get("NumberOfFrames") or 1)
+        uids, rows, columns, frames = _checked_elements(stream, syntax, limits.max_instance_bytes)
     except (*DECODE_ERRORS, TypeError) as exc:
         reason = " ".join(str(exc).split())
         raise UndecodableDatasetError(f"data set does not decode: {reason}") from exc
@@ -478,14 +484,243 @@ def _received_instance(
             f"data set SOP Instance {uids['SOPInstanceUID']} is not the command's "
             f"Affected SOP Instance {command_instance}"
         )
+    try:
+        header = part10_header(uids["SOPClassUID"], uids["SOPInstanceUID"], syntax)
+    except UnicodeEncodeError as exc:
+        raise UndecodableDatasetError("a UID is not ASCII") from exc
     return ReceivedInstance(
-        encoded=encoded,
+        encoded=header + stream,
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
         calling_ae=calling_ae,
         association_id=association_id,
     )
+
+
+def _checked_elements(
+    stream: bytes, syntax: UID, limit: int
+) -> tuple[dict[str, str], int, int, int]:
+    """The three UIDs, Rows, Columns and frames of the data set as received in ``syntax``.
+
+    Elements up to Columns are walked and only these are converted. A well-formed little
+    endian data set is scanned here (pydicom's reader cost as much as the rest of the handler);
+    anything the scan cannot vouch for is read by pydicom, as before, errors included. A
+    deflated one is inflated up to ``limit`` bytes (a small stream must not inflate without
+    bound).
+    """
+    if syntax.is_deflated:
+        stream = zlib.decompressobj(-zlib.MAX_WBITS).decompress(stream, limit)
+    if syntax.is_little_endian and (found := _scan(stream, syntax.is_implicit_VR)) is not None:
+        return found
+    ds = read_dataset(
+        BytesIO(stream),
+        syntax.is_implicit_VR,
+        syntax.is_little_endian,
+        stop_when=_past_checked_elements,
+        specific_tags=list(_READ_TAGS),
+    )
+    uids = {keyword: str(ds.get(keyword, "") or "").strip() for keyword in _UID_KEYWORDS}
+    rows, columns = (int(ds.get(k) or 0) for k in ("Rows", "Columns"))
+    return uids, rows, columns, int(ds.get("NumberOfFrames") or 1)
+
+
+def _past_checked_elements(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_READ_TAG
+
+
+class _Unusual(Exception):
+    """Something the fast scan leaves to pydicom (which may read it, or explain the error)."""
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_CHARSET = 0x00080005
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+# Explicit VR (PS3.5 7.1.2): these have two reserved bytes and a 4-byte length.
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN"}
+    | {b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)
+_SCANNED: dict[int, tuple[str, bytes]] = {  # tag: (keyword, its VR)
+    0x00080005: ("SpecificCharacterSet", b"CS"),  # pydicom interprets it while reading
+    0x00080016: ("SOPClassUID", b"UI"),
+    0x00080018: ("SOPInstanceUID", b"UI"),
+    0x0020000D: ("StudyInstanceUID", b"UI"),
+    0x00280008: ("NumberOfFrames", b"IS"),
+    0x00280010: ("Rows", b"US"),
+    0x00280011: ("Columns", b"US"),
+}
+_UID_CHARACTERS = "0123456789."
+_HEADER = struct.Struct("<HH")
+_LENGTH_16 = struct.Struct("<H")
+_LENGTH_32 = struct.Struct("<I")
+
+
+def _scan(data: bytes, implicit: bool) -> tuple[dict[str, str], int, int, int] | None:
+    """What ``_checked_elements`` returns, from a walk over the element headers up to
+    Columns; None when anything is unusual (pydicom reads it then)."""
+    try:
+        raw = _scan_elements(data, implicit)
+        uids = {}
+        for keyword in _UID_KEYWORDS:
+            text = raw[keyword].decode("ascii").rstrip("\0 ") if keyword in raw else ""
+            if not text or text.strip(_UID_CHARACTERS):
+                return None  # missing, or not a plain UID: pydicom reads it (and explains)
+            uids[keyword] = text.strip()
+        rows, columns = (
+            _LENGTH_16.unpack(raw[k])[0] if k in raw else 0 for k in ("Rows", "Columns")
+        )
+        frames_text = raw.get("NumberOfFrames", b"").decode("ascii").strip("\0 ")
+        frames = int(frames_text) if frames_text.isdigit() else None
+    except (_Unusual, struct.error, UnicodeDecodeError, RecursionError):
+        return None
+    if not _plain_charset(raw.get("SpecificCharacterSet", b"")):
+        return None  # a character set pydicom may refuse: it decides
+    if frames is None and frames_text:
+        return None  # not a plain count: pydicom's reading of it decides
+    return uids, rows, columns, frames or 1
+
+
+def _scan_elements(data: bytes, implicit: bool) -> dict[str, bytes]:
+    """The raw values of the elements in ``_SCANNED``, walking top-level element headers the
+    way pydicom's reader does, and as strictly as it could fail: undefined-length sequences
+    are walked item by item, element by element (pydicom parses them), whatever their tag."""
+    _check_encoding(data, 0, implicit)
+    found: dict[str, bytes] = {}
+    offset = 0
+    while offset < len(data):
+        tag, vr, length, offset = _element(data, offset, implicit)
+        if tag > _LAST_READ_TAG:
+            break
+        if length == _UNDEFINED_LENGTH:
+            offset = _past_sequence(data, offset, implicit, tag, vr)
+            continue
+        end = offset + length
+        if end > len(data):
+            raise _Unusual  # truncated
+        if tag in _SCANNED:
+            keyword, expected_vr = _SCANNED[tag]
+            if vr not in (None, expected_vr) or (expected_vr == b"US" and length != 2):
+                raise _Unusual
+            found[keyword] = data[offset:end]
+        offset = end
+    return found
+
+
+def _check_encoding(data: bytes, offset: int, implicit: bool) -> None:
+    """pydicom switches to the other VR encoding when a data set's first element looks like
+    it (a VR where none should be, or none where one should): leave that to it."""
+    if len(data) >= offset + 6:
+        vr_like = 0x40 < data[offset + 4] < 0x5B and 0x40 < data[offset + 5] < 0x5B
+        if vr_like == implicit:
+            raise _Unusual
+
+
+def _element(data: bytes, offset: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """(tag, VR or None, value length, value offset) of the element header at ``offset``."""
+    group, number = _HEADER.unpack_from(data, offset)
+    if implicit or group == 0xFFFE:  # items and delimiters carry no VR
+        return group << 16 | number, None, _LENGTH_32.unpack_from(data, offset + 4)[0], offset + 8
+    vr = data[offset + 4 : offset + 6]
+    if vr in _SHORT_VRS:
+        return group << 16 | number, vr, _LENGTH_16.unpack_from(data, offset + 6)[0], offset + 8
+    if vr in _LONG_VRS:
+        return group << 16 | number, vr, _LENGTH_32.unpack_from(data, offset + 8)[0], offset + 12
+    raise _Unusual
+
+
+def _past_sequence(data: bytes, offset: int, implicit: bool, tag: int, vr: bytes | None) -> int:
+    """The offset after the undefined-length sequence ``tag`` whose items start at ``offset``;
+    anything pydicom would not read as a sequence of well-formed items is left to it."""
+    if implicit:  # pydicom asks its dictionary, or looks for an item
+        try:
+            is_sequence = dictionary_VR(tag) == "SQ"
+        except KeyError:
+            is_sequence = data[offset : offset + 4] == b"\xfe\xff\x00\xe0"
+        if not is_sequence:
+            raise _Unusual
+    elif vr != b"SQ":
+        raise _Unusual  # e.g. UN of undefined length: implicit VR inside an explicit data set
+    while True:
+        if offset + 8 > len(data):
+            raise _Unusual
+        tag, _, length, offset = _element(data, offset, implicit)
+        if tag == _SEQUENCE_END:
+            return offset
+        if tag != _ITEM:
+            raise _Unusual
+        end = None if length == _UNDEFINED_LENGTH else offset + length
+        offset = _past_item(data, offset, implicit, end)
+
+
+def _past_item(data: bytes, offset: int, implicit: bool, end: int | None) -> int:
+    """The offset after an item's elements (up to ``end``, or to its delimiter when None)."""
+    limit = len(data) if end is None else end
+    if limit > len(data):
+        raise _Unusual
+    if not implicit and offset != end:
+        _check_encoding(data, offset, implicit)
+    while end is None or offset < end:
+        if offset + 8 > limit:
+            raise _Unusual
+        tag, vr, length, offset = _element(data, offset, implicit)
+        if tag == _ITEM_END and end is None:
+            return offset
+        if tag >> 16 == 0xFFFE:
+            raise _Unusual  # a delimiter or an item where an element should be
+        if length == _UNDEFINED_LENGTH:
+            offset = _past_sequence(data, offset, implicit, tag, vr)
+            continue
+        if offset + length > limit:
+            raise _Unusual
+        if tag == _CHARSET and not _plain_charset(data[offset : offset + length]):
+            raise _Unusual  # pydicom interprets it in items too
+        offset += length
+    if offset != end:
+        raise _Unusual
+    return offset
+
+
+def _plain_charset(value: bytes) -> bool:
+    """A Specific Character Set pydicom knows every term of (so it cannot fail on it)."""
+    try:
+        terms = value.decode("ascii").rstrip("\0 ").split("\\")
+    except UnicodeDecodeError:
+        return False
+    return all(not term.strip() or term.strip() in python_encoding for term in terms)
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information of a received instance: the bytes
+    ``event.encoded_dataset()`` puts before the data set (pynetdicom's implementation UID and
+    version name), without building and encoding a pydicom data set for them."""
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _meta_element(0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+            _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+            _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return b"".join((b"\x00" * 128, b"DICM", group_length, elements))
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One (0002,xxxx) element, explicit VR little endian (OB: reserved bytes, 4-byte length)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    value = str(text).encode("ascii")
+    return value + pad if len(value) % 2 else value
 
 
 def _named(uid: str) -> str:

@@ -1,5 +1,10 @@
 """The ``dermfusion`` command: serve, infer, predict, train; status, resend, requeue."""
 
+# Start-up: this module imports the standard library only. What a command needs (the config,
+# the state database, the model, DICOM and FHIR libraries) is imported inside that command,
+# so `--help`, `status` and the other operator commands do not load torch, MONAI, highdicom,
+# fhir.resources or pynetdicom (tests/unit/test_startup_imports.py; benchmarks/startup.py).
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +17,11 @@ from collections.abc import Sequence
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from plugin.config import REPO_ROOT, ConfigError, Settings, load_settings
-from plugin.domain import is_uid
-from plugin.state import SqliteStateStore, StateDatabaseError, StateStore
+if TYPE_CHECKING:
+    from plugin.config import Settings
+    from plugin.state import SqliteStateStore, StateStore
 
 log = logging.getLogger("dermfusion")
 
@@ -105,11 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bundle_dir(args: argparse.Namespace) -> Path:
-    return load_settings(args.config).model.bundle_dir
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
+    from plugin.config import load_settings
     from plugin.service import DermfusionService
 
     DermfusionService(load_settings(args.config)).run_forever()
@@ -119,7 +122,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from monai.bundle import run
 
-    bundle = _bundle_dir(args)
+    from plugin.config import load_settings
+    from plugin.model import use_threads
+
+    settings = load_settings(args.config)
+    use_threads(settings.model.threads)
+    bundle = settings.model.bundle_dir
     run(
         config_file=str(bundle / "configs" / "inference.json"),
         meta_file=str(bundle / "configs" / "metadata.json"),
@@ -134,6 +142,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from dicom_io.demographics import demographics_from_dataset
     from dicom_io.images import UnsupportedInstanceError, read_image
+    from plugin.config import load_settings
+    from plugin.model import use_threads
     from plugin.pipeline import report_pipeline
 
     settings = load_settings(args.config)
@@ -149,6 +159,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             print(f"dermfusion infer: {path}: {error.strerror or error}", file=sys.stderr)
             failed += 1
     if images:
+        use_threads(settings.model.threads)
         pipeline = report_pipeline(settings)
         reports = pipeline.run(images, [demographics_from_dataset(i.dataset) for i in images])
         for report in reports:
@@ -166,6 +177,8 @@ def _run_bundle_config(
 ) -> int:
     """Run one of the bundle's configs with this installation's paths (data, cache, bundle)."""
     from monai.bundle import run
+
+    from plugin.config import REPO_ROOT, load_settings
 
     settings = load_settings(args.config)
     bundle = settings.model.bundle_dir
@@ -207,13 +220,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # How many of the most recent failed instances `dermfusion status` lists.
 STATUS_FAILED_INSTANCES = 10
-# What makes an operator command exit 2 with one line: no state database, a schema this release
-# does not read, or SQLite failing (not a database, locked for longer than the busy timeout).
-_STATE_ERRORS = (StateDatabaseError, sqlite3.Error)
+# The outbox's destination names, as the state database records them (plugin.outbox.PACS and
+# FHIR; not imported from there: plugin.outbox loads the DICOM sender and the FHIR client, which
+# a read-only status does not need; tests/unit/test_startup_imports.py checks they agree).
+_PACS = "pacs"
+_FHIR = "fhir"
+
+
+def _state_errors() -> tuple[type[Exception], ...]:
+    """What makes an operator command exit 2 with one line: no state database, a schema this
+    release does not read, or SQLite failing (not a database, locked for longer than the busy
+    timeout)."""
+    from plugin.state import StateDatabaseError
+
+    return (StateDatabaseError, sqlite3.Error)
 
 
 def _open_state(settings: Settings, *, read_only: bool) -> SqliteStateStore:
     """The running service's state database, opened for one short operator command."""
+    from plugin.state import SqliteStateStore
+
     return SqliteStateStore.open_existing(settings.storage.state_database, read_only=read_only)
 
 
@@ -227,12 +253,10 @@ def _status_lines(settings: Settings, store: StateStore, now: float) -> tuple[li
     Only UIDs, outbox keys, times and recorded reasons are printed: the state database holds
     no patient names, IDs or birth dates, and the reasons were written to be logged.
     """
-    from plugin.outbox import FHIR, PACS
-
     stuck_after = settings.outbox.stuck_after_seconds
     backlog = {b.destination: b for b in store.outbox_backlog()}
     configured = [
-        name for name, section in ((PACS, settings.pacs), (FHIR, settings.fhir)) if section
+        name for name, section in ((_PACS, settings.pacs), (_FHIR, settings.fhir)) if section
     ]
     lines: list[str] = []
     stuck: list[str] = []
@@ -296,11 +320,13 @@ def _status_lines(settings: Settings, store: StateStore, now: float) -> tuple[li
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from plugin.config import load_settings
+
     settings = load_settings(args.config)
     try:
         with closing(_open_state(settings, read_only=True)) as store:
             lines, status = _status_lines(settings, store, time.time())
-    except _STATE_ERRORS as error:
+    except _state_errors() as error:
         print(f"dermfusion status: {error}", file=sys.stderr)
         return 2
     print("\n".join(lines))
@@ -308,6 +334,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
+    from plugin.config import load_settings
+    from plugin.domain import is_uid
+
     study = args.study_uid
     if not is_uid(study):
         print(
@@ -325,7 +354,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
             deliveries = store.requeue_study_deliveries(study, now)
             unscored = len(store.pending_instances(study))
             rescored = unscored > 0 and store.requeue_parked_studies([study]) > 0
-    except _STATE_ERRORS as error:
+    except _state_errors() as error:
         print(f"dermfusion resend: {error}", file=sys.stderr)
         return 2
     if not deliveries and not rescored:
@@ -347,12 +376,14 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from plugin.config import load_settings
+
     settings = load_settings(args.config)
     try:
         with closing(_open_state(settings, read_only=False)) as store:
             deliveries = store.requeue_parked_deliveries(time.time())
             studies = store.requeue_parked_studies()
-    except _STATE_ERRORS as error:
+    except _state_errors() as error:
         print(f"dermfusion requeue: {error}", file=sys.stderr)
         return 2
     print(f"requeue: {deliveries} parked deliveries and {studies} parked studies re-queued")
@@ -391,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for chatty in ("highdicom", "pynetdicom"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
     from dicom_io.redaction import keep_values_out_of_logs
+    from plugin.config import ConfigError
 
     keep_values_out_of_logs()
     try:

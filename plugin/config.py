@@ -152,6 +152,11 @@ class StorageSettings:
         return self.dir / "outbox"
 
     @property
+    def cache(self) -> Path:
+        """Derived files that can be made again (the image branch's ONNX export)."""
+        return self.dir / "cache"
+
+    @property
     def state_database(self) -> Path:
         """The one SQLite file of plugin.state: the service and the operator commands share it."""
         return self.dir / "state.sqlite3"
@@ -167,6 +172,8 @@ class RetentionSettings:
 class ModelSettings:
     bundle_dir: Path
     model_card_url: str = ""
+    threads: int = 0  # torch threads for scoring; 0: half the cores (plugin.model.use_threads)
+    runtime: str = "onnxruntime"  # where the image branch runs: "onnxruntime" or "torch"
 
     @property
     def model_card(self) -> str:
@@ -266,7 +273,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "saliency": {"secondary_capture": bool},
     "storage": {"dir": str, "min_free_mb": int},
     "retention": {"keep_days": (int, float), "pass_minutes": (int, float)},
-    "model": {"bundle_dir": str, "model_card_url": str},
+    "model": {"bundle_dir": str, "model_card_url": str, "threads": int, "runtime": str},
     "http": {"bind_address": str, "port": int, "recent_studies": int},
     "audit": {
         "enabled": bool,
@@ -340,6 +347,13 @@ def _non_negative(key: str, value: float) -> float:
     if value < 0:
         raise ConfigError(f"{key} must be >= 0, got {value}")
     return float(value)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        listed = " or ".join(f'"{c}"' for c in choices)
+        raise ConfigError(f"{key} must be {listed}, got {value!r}")
+    return value
 
 
 def _non_blank(key: str, value: str) -> str:
@@ -478,6 +492,8 @@ def load_settings(path: str | Path | None = None, *, base_dir: Path | None = Non
         model=ModelSettings(
             bundle_dir=_path(base, raw["model"]["bundle_dir"]),
             model_card_url=raw["model"]["model_card_url"].strip(),
+            threads=int(_non_negative("model.threads", raw["model"]["threads"])),
+            runtime=_choice("model.runtime", raw["model"]["runtime"], ("onnxruntime", "torch")),
         ),
         retention=RetentionSettings(
             keep_days=_non_negative("retention.keep_days", raw["retention"]["keep_days"]),

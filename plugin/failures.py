@@ -2,8 +2,9 @@
 
 An exception's text may quote a header value (pydicom: ``Unable to convert '1970…' to 'DA'``),
 so only texts written to be logged are kept: ours for PACS and FHIR exchanges (fhir_io redacts
-search values), SQLite's fixed messages and the OS error string. Anything else is named by its
-class and the line that raised it, which says where to look without quoting the data.
+search values), our own ``LoggableError`` texts, SQLite's fixed messages and the OS error
+string. Anything else is named by its class and the line that raised it, which says where to
+look without quoting the data.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ _ENVIRONMENTAL_ERRNOS = frozenset(
 )
 
 
+class LoggableError(Exception):
+    """An error of ours whose text is written to be logged: it names no patient data."""
+
+
 def describe(error: BaseException) -> str:
     """``Class: text`` for errors whose text is safe to log, else ``Class at file:line``."""
     kind = type(error)
     # Qualified only where the bare name says nothing ("error" is struct's and zlib's).
     name = kind.__name__ if kind.__name__[:1].isupper() else f"{kind.__module__}.{kind.__name__}"
-    if isinstance(error, PacsError | FhirError | sqlite3.Error):
+    if isinstance(error, PacsError | FhirError | LoggableError | sqlite3.Error):
         text = str(error).splitlines()[0].strip() if str(error).strip() else ""
         return f"{name}: {text}" if text else name
     if isinstance(error, OSError):

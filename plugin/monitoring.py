@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from plugin.config import ConfigError
 from plugin.domain import is_uid
+from plugin.outbox import EXPLANATION
 from plugin.state import DeliveryState, OutboxBacklog, ScoredResult, StateStore
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,11 @@ def status_page(
         for destination in destinations:
             keys = [
                 k
-                for k in (f"sr:{r.sr_sop_instance_uid}", f"fhir:{r.sr_sop_instance_uid}")
+                for k in (
+                    f"sr:{r.sr_sop_instance_uid}",
+                    f"fhir:{r.sr_sop_instance_uid}",
+                    f"explain:{r.sr_sop_instance_uid}",  # the Grad-CAM overlay, drawn
+                )
                 if k in by_key and by_key[k].destination == destination
             ]
             css, text = _delivery_text(by_key[keys[0]] if keys else None)
@@ -341,7 +346,7 @@ def status_page(
             "Scored",
             "Melanoma probability",
             "Decision",
-            *(f"Delivery: {d}" for d in destinations),
+            *("Grad-CAM overlay" if d == EXPLANATION else f"Delivery: {d}" for d in destinations),
             "Saliency (Grad-CAM)",
         )
     )

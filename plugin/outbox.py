@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PACS = "pacs"
 FHIR = "fhir"
+# Grad-CAM overlays owed like deliveries (plugin.explanations): drawn locally, nothing is sent
+EXPLANATION = "explanation"
 
 
 class ResultAudit(Protocol):
@@ -165,8 +167,9 @@ class Outbox:
         )
 
     def _tell_audit(self, item: OutboxItem, outcome: str) -> None:
-        """A transient failure (peer away) is not audited: nothing was sent or refused."""
-        if self.audit is None:
+        """A transient failure (peer away) is not audited: nothing was sent or refused. Neither is
+        an overlay drawn: it leaves the system later, as the Secondary Capture to the PACS."""
+        if self.audit is None or item.destination == EXPLANATION:
             return
         try:
             self.audit.results_sent(item.study_instance_uid, item.destination, outcome, item.key)

@@ -25,41 +25,87 @@ from fhir_io import report_bundle
 from monai_bundle.scripts.lesion import measure_lesion
 from monai_bundle.scripts.saliency import overlay_rgb
 from plugin.config import Settings
-from plugin.domain import Demographics, Finding, LesionSize
-from plugin.model import FusionModel
+from plugin.domain import Demographics, Finding, LesionSize, ModelIdentity
+from plugin.model import Explanation, FusionModel
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Overlay:
+    """What drawing one scored image's Grad-CAM overlay needs; the SR's UID names the files."""
+
+    image: DermoscopyImage
+    explanation: Explanation
+    model: ModelIdentity
+    sr_sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class DrawnOverlay:
+    overlay: Overlay
+    saliency: np.ndarray  # 224x224 in [0, 1], the network's view of the image
+    capture: Dataset | None = None  # the overlay as a Secondary Capture, when configured
+
+    def write(self, folder: Path) -> ExplanationFiles:
+        """``<SR UID>_saliency.png`` and the Secondary Capture, if any, as
+        ``<SR UID>_saliency.dcm``, fsync'd."""
+        private_directory(folder)
+        uid = self.overlay.sr_sop_instance_uid
+        files = ExplanationFiles(
+            saliency=folder / f"{uid}_saliency.png",
+            capture=None if self.capture is None else folder / f"{uid}_saliency.dcm",
+        )
+        png = io.BytesIO()  # through write_bytes_durably, so the overlay is 0600 too
+        rgb = overlay_rgb(self.overlay.image.rgb, self.saliency)
+        Image.fromarray(rgb).save(png, format="PNG", compress_level=1)  # fast; a bit larger
+        write_bytes_durably(png.getvalue(), files.saliency)
+        if self.capture is not None and files.capture is not None:
+            _write_dicom(self.capture, files.capture)
+        return files
+
+
+@dataclass(frozen=True)
 class ImageReport:
+    """One image's results. The SR and the Bundle exist as soon as the image is scored; the
+    Grad-CAM overlay (and its Secondary Capture) is drawn by ``ReportPipeline.explain``, so the
+    reports need not wait for it."""
+
     image: DermoscopyImage
     demographics: Demographics
     finding: Finding
     sr: Comprehensive3DSR
     bundle: dict[str, Any]
-    saliency: np.ndarray  # 224x224 in [0, 1], the network's view of the image
-    capture: Dataset | None = None  # the overlay as a Secondary Capture, when configured
+    explanation: Explanation  # what Grad-CAM needs of the scoring pass
+    drawn: DrawnOverlay | None = None
 
-    def write_files(self, folder: Path) -> ReportFiles:
-        """SR, Bundle and saliency overlay as ``<SR UID>.dcm/.json/_saliency.png``, fsync'd;
-        the Secondary Capture, if any, as ``<SR UID>_saliency.dcm``."""
+    @property
+    def overlay(self) -> Overlay:
+        return Overlay(self.image, self.explanation, self.finding.model, self.sr.SOPInstanceUID)
+
+    @property
+    def saliency(self) -> np.ndarray | None:
+        return None if self.drawn is None else self.drawn.saliency
+
+    @property
+    def capture(self) -> Dataset | None:
+        return None if self.drawn is None else self.drawn.capture
+
+    def write_reports(self, folder: Path) -> ReportFiles:
+        """SR and Bundle as ``<SR UID>.dcm/.json``, fsync'd."""
         private_directory(folder)
         uid = self.sr.SOPInstanceUID
-        files = ReportFiles(
-            sr=folder / f"{uid}.dcm",
-            bundle=folder / f"{uid}.json",
-            saliency=folder / f"{uid}_saliency.png",
-            capture=None if self.capture is None else folder / f"{uid}_saliency.dcm",
-        )
+        files = ReportFiles(sr=folder / f"{uid}.dcm", bundle=folder / f"{uid}.json")
         _write_dicom(self.sr, files.sr)
         write_bytes_durably((json.dumps(self.bundle, indent=2) + "\n").encode(), files.bundle)
-        png = io.BytesIO()  # through write_bytes_durably, so the overlay is 0600 too
-        Image.fromarray(overlay_rgb(self.image.rgb, self.saliency)).save(png, format="PNG")
-        write_bytes_durably(png.getvalue(), files.saliency)
-        if self.capture is not None and files.capture is not None:
-            _write_dicom(self.capture, files.capture)
         return files
+
+    def write_files(self, folder: Path) -> ReportFiles:
+        """Reports and overlay at once, for ``dermfusion infer`` (``ReportPipeline.run``)."""
+        if self.drawn is None:
+            raise ValueError("no overlay yet: ReportPipeline.explain the report first")
+        drawn = self.drawn.write(folder)
+        return replace(self.write_reports(folder), saliency=drawn.saliency, capture=drawn.capture)
 
 
 def _write_dicom(dataset: Dataset, path: Path) -> None:
@@ -72,6 +118,12 @@ def _write_dicom(dataset: Dataset, path: Path) -> None:
 class ReportFiles:
     sr: Path
     bundle: Path
+    saliency: Path | None = None  # with the explanation (``write_files``)
+    capture: Path | None = None
+
+
+@dataclass(frozen=True)
+class ExplanationFiles:
     saliency: Path
     capture: Path | None = None
 
@@ -108,20 +160,27 @@ class ReportPipeline:
     def run(
         self, images: Sequence[DermoscopyImage], demographics: Sequence[Demographics]
     ) -> list[ImageReport]:
-        findings = self.model.score([i.rgb for i in images], demographics)
+        """Reports with their overlays, for callers that want everything at once."""
+        return [
+            replace(report, drawn=self.explain(report.overlay))
+            for report in self.report(images, demographics)
+        ]
+
+    def report(
+        self, images: Sequence[DermoscopyImage], demographics: Sequence[Demographics]
+    ) -> list[ImageReport]:
+        """Score the images in one batch and build each one's SR and Bundle (no Grad-CAM)."""
+        scored = self.model.score_explainable([i.rgb for i in images], demographics)
         issued = datetime.now(UTC)
         reports = []
-        for image, demo, scored in zip(images, demographics, findings, strict=True):
-            finding = replace(scored, lesion=lesion_size(image))
-            saliency = self.model.saliency(image.rgb, demo)
-            capture = None
-            if self.capture_writer is not None:
-                capture = self.capture_writer.build(
-                    source=image.dataset,
-                    ref=image.ref,
-                    overlay=overlay_rgb(image.rgb, saliency),
-                    model=finding.model,
-                )
+        for image, demo, (first, explanation) in zip(images, demographics, scored, strict=True):
+            finding = replace(first, lesion=lesion_size(image))
+            # the capture's UIDs are derived: the SR can name it before it exists
+            capture = (
+                None
+                if self.capture_writer is None
+                else self.capture_writer.reference(image.ref, finding.model)
+            )
             sr = self.sr_writer.build(
                 source=image.dataset,
                 ref=image.ref,
@@ -149,8 +208,22 @@ class ReportPipeline:
                 demo.site.source.value,
                 100 * finding.lesion.area_fraction if finding.lesion else float("nan"),
             )
-            reports.append(ImageReport(image, demo, finding, sr, bundle, saliency, capture))
+            reports.append(ImageReport(image, demo, finding, sr, bundle, explanation))
         return reports
+
+    def explain(self, overlay: Overlay) -> DrawnOverlay:
+        """The Grad-CAM map and, when configured, the Secondary Capture the SR already names
+        (its UIDs derive from the source and the model)."""
+        saliency = self.model.explain(overlay.image.rgb, overlay.explanation)
+        capture = None
+        if self.capture_writer is not None:
+            capture = self.capture_writer.build(
+                source=overlay.image.dataset,
+                ref=overlay.image.ref,
+                overlay=overlay_rgb(overlay.image.rgb, saliency),
+                model=overlay.model,
+            )
+        return DrawnOverlay(overlay, saliency, capture)
 
 
 def capture_writer(settings: Settings) -> SaliencyCaptureWriter | None:
@@ -161,7 +234,11 @@ def capture_writer(settings: Settings) -> SaliencyCaptureWriter | None:
 def report_pipeline(settings: Settings) -> ReportPipeline:
     """The pipeline as configured: the bundle's model, the SC when asked, the card's place."""
     return ReportPipeline(
-        model=FusionModel.load(settings.model.bundle_dir),
+        model=FusionModel.load(
+            settings.model.bundle_dir,
+            runtime=settings.model.runtime,
+            cache_dir=settings.storage.cache,
+        ),
         patient_identifier_system=settings.patient_identifier_system,
         capture_writer=capture_writer(settings),
         model_card=settings.model.model_card,

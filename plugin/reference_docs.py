@@ -573,17 +573,20 @@ def conformance_statement() -> str:
         "",
         f"- **Storage SCP** ({_code(cfg.ae_title)}, port {cfg.port}): accepts the image SOP "
         "classes below and Verification. An instance is acknowledged (0x0000) only once it is "
-        "on disk; a study is scored once its association is released and no instance arrived "
-        f"for `study.stable_seconds` ({settings.study.stable_seconds:g} s).",
+        "on disk and in the state database; a study that arrived over one association is "
+        "scored as soon as that association is released, one spread over several once none "
+        "is open and no instance arrived for `study.stable_seconds` "
+        f"({settings.study.stable_seconds:g} s).",
         "- **Storage SCU** (calling AE title: the listener's, "
         f"{_code(cfg.ae_title)}): sends each SR (and Secondary Capture) to the `[pacs]` AE, one "
         "association per instance, from a durable outbox retried with backoff until delivered.",
         "",
         "#### 4.1.3 Sequencing of real-world activities",
         "",
-        "Images of a study → (association released, study stable) → scoring → SR and SC "
-        "written to the outbox → C-STORE / STOW-RS to the PACS. Without `[pacs]` the SR stays "
-        "in the outbox folder as a file.",
+        "Images of a study → (association released; stable when over several) → scoring → "
+        "SR written to the outbox → C-STORE / STOW-RS to the PACS; the Grad-CAM overlay and "
+        "its SC follow the SR (the SR names the SC by its derived UID). Without `[pacs]` the "
+        "SR stays in the outbox folder as a file.",
         "",
     ]
 

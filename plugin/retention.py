@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 # Studies forgotten per database transaction batch: keeps each pass's lock short.
 RETENTION_BATCH = 100
-# Files written beside each report: ``<SR UID>`` + these (plugin.pipeline.ReportFiles).
-REPORT_SUFFIXES = (".dcm", ".json", "_saliency.png", "_saliency.dcm")
+# Files written beside each report: ``<SR UID>`` + these (plugin.pipeline, plugin.explanations).
+EXPLANATION_REQUEST = "_explanation.json"  # plugin.explanations.REQUEST_SUFFIX
+REPORT_SUFFIXES = (".dcm", ".json", "_saliency.png", "_saliency.dcm", EXPLANATION_REQUEST)
 
 
 class LowDiskSpaceError(OSError):
@@ -103,6 +104,11 @@ class Retention:
             deleted += _unlink_inside(path, self.spool_dir)
             folders.add(path.parent)
         for path in study.report_files:
+            if path.name.endswith(EXPLANATION_REQUEST):
+                # the overlay's request alone: with no destination the reports beside it are
+                # the only copy (a delivered SR's row deletes them all)
+                deleted += _unlink_inside(path, self.outbox_dir)
+                continue
             uid = _report_uid(path.name)
             for suffix in REPORT_SUFFIXES if uid else ():
                 deleted += _unlink_inside(path.with_name(uid + suffix), self.outbox_dir)

@@ -1,8 +1,10 @@
 """`dermfusion serve`: the listener, study assembly, scoring and the outbox, in one process.
 
 An instance is acknowledged only after it is in the spool (fsync'd) and recorded in the state
-store. A worker thread scores studies that are complete (association released, quiet for
-``stable_seconds``) and another delivers what the outbox owes; both resume after a restart.
+store. A worker thread scores studies that are complete (their one association released, or,
+spread over several, none open and quiet for ``stable_seconds``) and another delivers what the
+outbox owes, the Grad-CAM overlays included (drawn after the SR and Bundle have left, from the
+scoring pass: plugin.explanations); both resume after a restart.
 Neither can die silently: every pass is guarded, a supervisor restarts a thread that ends anyway
 and reports the service unhealthy meanwhile, and a study that keeps failing is parked with its
 reason after ``[study] max_attempts`` instead of being retried for ever.
@@ -33,9 +35,20 @@ from plugin.audit import audit_trail
 from plugin.config import STOW_RS, ConfigError, ListenerSettings, Settings
 from plugin.demographics import ConflictPolicy, merge, needs_lookup
 from plugin.domain import Demographics, is_uid
+from plugin.explanations import ExplanationDestination, ScoredImages, owe_explanation
 from plugin.failures import describe, is_environmental
+from plugin.model import use_threads
 from plugin.monitoring import ServiceHealth, ServiceMetrics, StateGauges, StatusServer
-from plugin.outbox import FHIR, PACS, Backoff, Destination, FhirDestination, Outbox, PacsDestination
+from plugin.outbox import (
+    EXPLANATION,
+    FHIR,
+    PACS,
+    Backoff,
+    Destination,
+    FhirDestination,
+    Outbox,
+    PacsDestination,
+)
 from plugin.peers import fhir_client, pacs_tls_context
 from plugin.pipeline import ImageReport, ReportPipeline, report_pipeline
 from plugin.retention import MIB, FreeSpaceWatermark, Retention
@@ -83,29 +96,62 @@ def _safe_uid(value: str, name: str) -> str:
 
 @dataclass
 class SpoolSink:
-    """Makes each received instance durable (spool file, then state row) before it is acked."""
+    """Makes each received instance durable (spool file and state row) before it is acked.
+
+    The row is committed while the file is flushed (``write_bytes_durably(alongside=...)``), so
+    the acknowledgement waits for about one flush, not three in a row. A power cut during it can
+    leave the row with a partial file: that instance was not acknowledged, and the row carries
+    the file's CRC-32 so that ``forget_unspooled_instances`` drops it at start. Free space is
+    read at most every ``SPACE_CHECK_SECONDS`` and every 1/``SPACE_CHECK_SHARE`` of the
+    watermark accepted, not per instance.
+    """
 
     spool_dir: Path
     store: StateStore
     clock: Callable[[], float] = time.time
     watermark: FreeSpaceWatermark | None = None
     metrics: ServiceMetrics | None = None
+    SPACE_CHECK_SECONDS = 0.5
+    SPACE_CHECK_SHARE = 16
+    _space_read_at: float = field(default=float("-inf"), init=False, repr=False)
+    _bytes_since_read: int = field(default=0, init=False, repr=False)
+    _space_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def accept(self, instance: ReceivedInstance) -> None:
         study = _safe_uid(instance.study_instance_uid, "StudyInstanceUID")
         sop = _safe_uid(instance.sop_instance_uid, "SOPInstanceUID")
         if self.watermark is not None:
-            self.watermark.check()  # refused (0xA700) rather than taken without room to report
+            self._check_space(self.watermark, len(instance.encoded))
         path = self.spool_dir / study / f"{sop}.dcm"
-        private_directory(path.parent)
-        write_bytes_durably(instance.encoded, path)
-        self.store.record_instance(
-            InstanceRow(sop, study, instance.sop_class_uid, path),
-            instance.association_id,
-            self.clock(),
+        row = InstanceRow(sop, study, instance.sop_class_uid, path)
+        write_bytes_durably(
+            instance.encoded,
+            path,
+            make_parents=True,  # the study's folder (and the spool's), with its entry flushed
+            alongside=lambda checksum: self.store.record_instance(
+                row, instance.association_id, self.clock(), checksum
+            ),
         )
         if self.metrics is not None:
             self.metrics.instances_received.inc()
+
+    def _check_space(self, watermark: FreeSpaceWatermark, size: int) -> None:
+        """Refuse (0xA700) rather than take an instance without room to report it. A recent
+        reading is trusted for a little more data: the reserve can shrink by at most
+        1/SPACE_CHECK_SHARE of itself (plus what others write meanwhile) before it is re-read;
+        below the watermark every instance re-reads it."""
+        now = time.monotonic()
+        with self._space_lock:
+            if (
+                now - self._space_read_at < self.SPACE_CHECK_SECONDS
+                and self._bytes_since_read + size
+                <= watermark.min_free_bytes // self.SPACE_CHECK_SHARE
+            ):
+                self._bytes_since_read += size
+                return
+        watermark.check()
+        with self._space_lock:
+            self._space_read_at, self._bytes_since_read = now, size
 
     def association_closed(self, association_id: str) -> None:
         self.store.close_association(association_id, self.clock())
@@ -133,6 +179,8 @@ class StudyProcessor:
     fhir_wait_seconds: float
     backoff: Backoff
     metrics: ServiceMetrics | None = None
+    # feature maps kept for the delivery worker's overlays (plugin.explanations)
+    scored: ScoredImages = field(default_factory=ScoredImages)
 
     def process(self, study_uid: str, now: float, *, one_by_one: bool = False) -> None:
         """Score the study's pending instances together, or (after a failed pass) one image at
@@ -155,10 +203,12 @@ class StudyProcessor:
     def _process_rows(self, study_uid: str, rows: list[InstanceRow], now: float) -> None:
         started = time.monotonic()
         images: list[DermoscopyImage] = []
+        sources: dict[str, Path] = {}
         failed: list[tuple[str, str]] = []
         for row in rows:
             try:
                 images.append(read_image(row.path))
+                sources[row.sop_instance_uid] = row.path
             except UnsupportedInstanceError as error:
                 log.error("study=%s: instance not scored: %s", study_uid, error)
                 failed.append((row.sop_instance_uid, str(error)))
@@ -183,8 +233,12 @@ class StudyProcessor:
                 study_uid,
                 waited,
             )
-        reports = self.pipeline.run(images, demographics) if images else []
-        owed = [item for report in reports for item in self._stage(report)]
+        reports = self.pipeline.report(images, demographics) if images else []
+        owed = [
+            item
+            for report in reports
+            for item in self._stage(report, sources[report.image.ref.sop_instance_uid])
+        ]
         self.store.complete(
             reported=[r.image.ref.sop_instance_uid for r in reports],
             failed=failed,
@@ -234,20 +288,20 @@ class StudyProcessor:
             out.append(merge(demo, from_fhir, self.conflict_policy, image.ref.sop_instance_uid))
         return out
 
-    def _stage(self, report: ImageReport) -> list[OutboxItem]:
-        """Write both reports to the outbox folder; owe them to the configured destinations."""
-        files = report.write_files(self.outbox_dir)  # the saliency PNG stays local
+    def _stage(self, report: ImageReport, source: Path) -> list[OutboxItem]:
+        """Write both reports to the outbox folder; owe them to the configured destinations,
+        and owe their Grad-CAM overlay (drawn by the delivery worker, so they need not wait)."""
+        files = report.write_reports(self.outbox_dir)
         study = report.image.ref.study_instance_uid  # recorded so `dermfusion resend` finds them
         owed = []
         if PACS in self.destinations:
             sr_key = f"sr:{report.sr.SOPInstanceUID}"
             owed.append(OutboxItem(sr_key, PACS, files.sr, 0, study_instance_uid=study))
-            if report.capture is not None and files.capture is not None:
-                key = f"sc:{report.capture.SOPInstanceUID}"
-                owed.append(OutboxItem(key, PACS, files.capture, 0, study_instance_uid=study))
         if FHIR in self.destinations:
             key = f"fhir:{report.sr.SOPInstanceUID}"
             owed.append(OutboxItem(key, FHIR, files.bundle, 0, study_instance_uid=study))
+        owed.append(owe_explanation(report, source, self.outbox_dir, study))
+        self.scored.keep(report.overlay)
         return owed
 
 
@@ -282,11 +336,15 @@ class StudyScorer:
     backoff: Backoff
     max_attempts: int
     metrics: ServiceMetrics | None = None
+    # asked between studies: a stop request is not held up by a long queue of ready studies
+    stopping: Callable[[], bool] = lambda: False
 
     def score_ready(self, now: float) -> int:
         """Process every ready study; returns how many passed without failing."""
         passed = 0
         for study_uid in self.store.ready_studies(now, self.stable_seconds):
+            if self.stopping():
+                break
             attempts = self.store.study_attempts(study_uid)
             try:
                 self.processor.process(study_uid, now, one_by_one=attempts > 0)
@@ -340,7 +398,7 @@ class DermfusionService:
     def __post_init__(self) -> None:
         storage = self.settings.storage
         # Owner-only, also when an older release left them 0755 (they hold patient data).
-        for folder in (storage.dir, storage.spool, storage.outbox):
+        for folder in (storage.dir, storage.spool, storage.outbox, storage.cache):
             private_directory(folder, tighten=True)
         self.store = SqliteStateStore(storage.state_database)
         self.audit = audit_trail(self.settings)  # None with [audit] enabled = false
@@ -365,6 +423,13 @@ class DermfusionService:
             destinations[PACS] = PacsDestination(sender)
         if self.fhir is not None:
             destinations[FHIR] = FhirDestination(self.fhir)
+        peers = frozenset(destinations)
+        use_threads(self.settings.model.threads)
+        pipeline = report_pipeline(self.settings)
+        scored = ScoredImages()
+        destinations[EXPLANATION] = ExplanationDestination(
+            pipeline, self.store, storage.outbox, scored, send_capture=PACS in peers
+        )
         outbox = self.settings.outbox
         self.backoff = Backoff(outbox.retry_initial_seconds, outbox.retry_max_seconds)
         self.outbox = Outbox(
@@ -372,15 +437,16 @@ class DermfusionService:
         )
         self.processor = StudyProcessor(
             store=self.store,
-            pipeline=report_pipeline(self.settings),
+            pipeline=pipeline,
             outbox_dir=storage.outbox,
-            destinations=frozenset(destinations),
+            destinations=peers,
             fhir=self.fhir,
             patient_identifier_system=self.settings.patient_identifier_system,
             conflict_policy=ConflictPolicy(self.settings.demographics.on_conflict),
             fhir_wait_seconds=self.settings.demographics.fhir_wait_seconds,
             backoff=self.backoff,
             metrics=self.metrics,
+            scored=scored,
         )
         self.watermark = FreeSpaceWatermark(storage.dir, storage.min_free_mb * MIB)
         listener = self.settings.listener
@@ -405,6 +471,7 @@ class DermfusionService:
             backoff=self.backoff,
             max_attempts=self.settings.study.max_attempts,
             metrics=self.metrics,
+            stopping=self._stop.is_set,
         )
         # Scoring and delivery run apart, so a slow or unreachable PACS/FHIR server (connect
         # timeouts) never delays the scoring of the next study.
@@ -470,6 +537,8 @@ class DermfusionService:
         reopened = self.store.close_all_associations(time.time())
         if reopened:
             log.info("recovered %d association(s) left open by the previous run", reopened)
+        if unspooled := self.store.forget_unspooled_instances():
+            log.warning("forgot %d unacknowledged instance(s) without a spool file", unspooled)
         if self.audit is not None:
             self.audit.service_started()
         self.listener.start()

@@ -3,7 +3,13 @@
 ``StateStore`` is the interface the service uses; ``SqliteStateStore`` is the embedded default.
 A server database can replace it by implementing the same protocol. SQLite runs in WAL mode
 with ``synchronous=FULL``: a row is on disk when its transaction commits, so an acknowledged
-instance survives a SIGKILL.
+instance survives a SIGKILL. Instances arriving together on several associations share one
+commit (group commit): each caller returns once a commit holding its row is durable.
+
+A study is ready to score when no association that brought one of its instances is still open
+and then: at once, when every instance (scored or not) came over one association (its release
+says the sender is done); otherwise once nothing arrived for ``stable_seconds`` (several
+associations: another one may be on its way).
 
 The schema carries its version in ``PRAGMA user_version`` and migrates forward on open, so the
 state file of an older release keeps what it owes. A study or delivery that keeps failing is
@@ -21,11 +27,11 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Self
 
-from dicom_io.spool import PRIVATE_FILE_MODE, private_directory
+from dicom_io.spool import PRIVATE_FILE_MODE, is_whole, private_directory
 
 
 @dataclass(frozen=True)
@@ -123,10 +129,15 @@ class DeliveryState:
 
 class StateStore(Protocol):
     def record_instance(
-        self, row: InstanceRow, association_id: str, received_at: float
+        self,
+        row: InstanceRow,
+        association_id: str,
+        received_at: float,
+        checksum: int | None = None,
     ) -> None: ...
     def close_association(self, association_id: str, closed_at: float) -> None: ...
     def close_all_associations(self, closed_at: float) -> int: ...
+    def forget_unspooled_instances(self) -> int: ...
     def ready_studies(self, now: float, stable_seconds: float) -> list[str]: ...
     def pending_instances(self, study_instance_uid: str) -> list[InstanceRow]: ...
     def postpone_study(self, study_instance_uid: str, until: float, first_try: float) -> None: ...
@@ -229,6 +240,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS results_by_time ON results (scored_at)",
         "CREATE INDEX IF NOT EXISTS results_by_study ON results (study_instance_uid)",
     ),
+    (  # 4: the CRC-32 of a spool file flushed with its row, checked after a crash
+        "ALTER TABLE instances ADD COLUMN spool_crc32 INTEGER",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Seconds an operator command waits for the service's write lock (its transactions are short).
@@ -254,6 +268,19 @@ class StateDatabaseError(RuntimeError):
     (only the service creates and migrates it, so a command never changes what it records)."""
 
 
+@dataclass
+class _Arrival:
+    """One ``record_instance`` call waiting for a commit that holds its row."""
+
+    row: InstanceRow
+    association_id: str
+    received_at: float
+    checksum: int | None
+    done: bool = False
+    alone: bool = False  # its batch failed: commit it by itself, for its own error
+    error: BaseException | None = field(default=None, repr=False)
+
+
 class SqliteStateStore:
     """The embedded state store. Thread-safe: one connection guarded by a lock."""
 
@@ -261,6 +288,9 @@ class SqliteStateStore:
         private_directory(path.parent)
         _owner_only(path)
         self._lock = threading.Lock()
+        self._arrivals: list[_Arrival] = []
+        self._committing = False
+        self._arrived = threading.Condition(threading.Lock())
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         for suffix in ("-wal", "-shm"):  # SQLite gives them the database's mode; make sure
@@ -310,6 +340,9 @@ class SqliteStateStore:
             raise
         store = cls.__new__(cls)
         store._lock = threading.Lock()
+        store._arrivals = []
+        store._committing = False
+        store._arrived = threading.Condition(threading.Lock())
         store._db = db
         return store
 
@@ -351,30 +384,78 @@ class SqliteStateStore:
                 raise
             self._db.execute("COMMIT")
 
-    def record_instance(self, row: InstanceRow, association_id: str, received_at: float) -> None:
-        """A re-sent instance refreshes its arrival but keeps its state: it is not scored twice."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO associations (id, opened_at) VALUES (?, ?)",
-                (association_id, received_at),
-            )
-            db.execute(
-                """INSERT INTO instances (sop_instance_uid, study_instance_uid, sop_class_uid, path,
-                       association_id, received_at)
-                   VALUES (?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (sop_instance_uid) DO UPDATE SET
-                       association_id = excluded.association_id,
-                       received_at = excluded.received_at,
-                       path = excluded.path""",
-                (
-                    row.sop_instance_uid,
-                    row.study_instance_uid,
-                    row.sop_class_uid,
-                    str(row.path),
-                    association_id,
-                    received_at,
-                ),
-            )
+    def record_instance(
+        self,
+        row: InstanceRow,
+        association_id: str,
+        received_at: float,
+        checksum: int | None = None,
+    ) -> None:
+        """A re-sent instance refreshes its arrival but keeps its state: it is not scored twice.
+        ``checksum``: the CRC-32 the spool gave for a file flushed together with this row (None:
+        the file was whole before the row was written), for ``forget_unspooled_instances``.
+
+        Durable when this returns. Concurrent callers are committed together: one waits for the
+        commit in progress, then commits every row that arrived meanwhile in one transaction
+        (one WAL sync for all); if that batch fails, each row is tried by itself, so an error
+        reaches only the instance it belongs to.
+        """
+        arrival = _Arrival(row, association_id, received_at, checksum)
+        with self._arrived:
+            self._arrivals.append(arrival)
+            while self._committing and not arrival.done:
+                self._arrived.wait()
+            lead = not arrival.done  # take everything waiting, ours included
+            if lead:
+                batch, self._arrivals = self._arrivals, []
+                self._committing = True
+        if lead:
+            error = self._insert_arrivals(batch)
+            with self._arrived:
+                for waiting in batch:
+                    waiting.alone = error is not None and len(batch) > 1
+                    waiting.error = None if waiting.alone else error
+                    waiting.done = True
+                self._committing = False
+                self._arrived.notify_all()
+        if arrival.alone:
+            arrival.error = self._insert_arrivals([arrival])
+        if arrival.error is not None:
+            raise arrival.error
+
+    def _insert_arrivals(self, batch: list[_Arrival]) -> BaseException | None:
+        """Commit the rows of ``batch`` in one transaction; the error, for their callers."""
+        try:
+            with self._transaction() as db:
+                db.executemany(
+                    "INSERT OR IGNORE INTO associations (id, opened_at) VALUES (?, ?)",
+                    [(a.association_id, a.received_at) for a in batch],
+                )
+                db.executemany(
+                    """INSERT INTO instances (sop_instance_uid, study_instance_uid,
+                           sop_class_uid, path, association_id, received_at, spool_crc32)
+                       VALUES (?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (sop_instance_uid) DO UPDATE SET
+                           association_id = excluded.association_id,
+                           received_at = excluded.received_at,
+                           path = excluded.path,
+                           spool_crc32 = excluded.spool_crc32""",
+                    [
+                        (
+                            a.row.sop_instance_uid,
+                            a.row.study_instance_uid,
+                            a.row.sop_class_uid,
+                            str(a.row.path),
+                            a.association_id,
+                            a.received_at,
+                            a.checksum,
+                        )
+                        for a in batch
+                    ],
+                )
+        except BaseException as error:  # noqa: BLE001 - raised by the callers whose rows these are
+            return error
+        return None
 
     def close_association(self, association_id: str, closed_at: float) -> None:
         with self._transaction() as db:
@@ -390,25 +471,55 @@ class SqliteStateStore:
                 "UPDATE associations SET closed_at = ? WHERE closed_at IS NULL", (closed_at,)
             ).rowcount
 
-    def ready_studies(self, now: float, stable_seconds: float) -> list[str]:
-        """Studies with unscored instances, no open association, quiet for ``stable_seconds``.
+    def forget_unspooled_instances(self) -> int:
+        """At start-up, before the listener: forget instances still to be scored whose spool
+        file is missing or not whole (``dicom_io.spool.is_whole``); returns how many.
 
-        A parked study is left out until it is re-queued, or an instance arrives after it was
-        parked (the PACS re-sent it, or the study grew): that earns it another try.
+        The listener commits an instance's row while its file is flushed, and acknowledges the
+        instance only once both are durable: a power cut in between can leave the row with a
+        partial file, or none. That instance was never acknowledged, so the sender still has
+        it: forgetting the row lets its re-send be a new arrival (a row kept would be scored as
+        a failure, and the re-send would then not be scored). A file that cannot be read is
+        given the benefit of the doubt: its row stays.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT sop_instance_uid, path, spool_crc32 FROM instances
+                   WHERE state = 'received'"""
+            ).fetchall()
+        partial = [(sop,) for sop, path, crc in rows if not _spooled_whole(Path(path), crc)]
+        if partial:
+            with self._transaction() as db:
+                db.executemany(
+                    "DELETE FROM instances WHERE sop_instance_uid = ? AND state = 'received'",
+                    partial,
+                )
+        return len(partial)
+
+    def ready_studies(self, now: float, stable_seconds: float) -> list[str]:
+        """Studies with unscored instances, none of whose associations is still open, and:
+        every instance (scored or not) received over one association, which is closed: ready
+        at once (the sender is done with the study); over several associations: quiet for
+        ``stable_seconds`` since the last arrival (more may be on their way).
+
+        A postponed study waits until its ``not_before``. A parked study is left out until it
+        is re-queued, or an instance arrives after it was parked (the PACS re-sent it, or the
+        study grew): that earns it another try.
         """
         with self._lock:
             rows = self._db.execute(
                 """SELECT i.study_instance_uid FROM instances i
                    JOIN associations a ON a.id = i.association_id
                    LEFT JOIN studies s ON s.study_instance_uid = i.study_instance_uid
+                   WHERE i.study_instance_uid IN (
+                       SELECT study_instance_uid FROM instances WHERE state = 'received')
                    GROUP BY i.study_instance_uid
-                   HAVING SUM(i.state = 'received') > 0
-                      AND SUM(a.closed_at IS NULL) = 0
-                      AND MAX(i.received_at) <= ?
-                      AND COALESCE(MAX(s.not_before), 0) <= ?
+                   HAVING SUM(a.closed_at IS NULL) = 0
+                      AND (COUNT(DISTINCT i.association_id) = 1 OR MAX(i.received_at) <= :quiet)
+                      AND COALESCE(MAX(s.not_before), 0) <= :now
                       AND (MAX(s.parked_at) IS NULL OR MAX(i.received_at) > MAX(s.parked_at))
                    ORDER BY MAX(i.received_at)""",
-                (now - stable_seconds, now),
+                {"quiet": now - stable_seconds, "now": now},
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -732,7 +843,6 @@ class SqliteStateStore:
                    AND id NOT IN (SELECT association_id FROM instances)"""
             )
 
-
     def studies_waiting(self) -> int:
         """Studies with instances received and not yet scored (the scoring queue's depth)."""
         with self._lock:
@@ -767,11 +877,19 @@ class SqliteStateStore:
             rows = self._db.execute(
                 """SELECT key, destination, study_instance_uid, attempts, delivered_at,
                           parked_at, last_error
-                   FROM outbox WHERE 1""" + _named("study_instance_uid", study_instance_uids)
+                   FROM outbox WHERE 1"""
+                + _named("study_instance_uid", study_instance_uids)
                 + " ORDER BY key",
                 tuple(study_instance_uids),
             ).fetchall()
         return [DeliveryState(r[0], r[1], r[2], int(r[3]), r[4], r[5], r[6]) for r in rows]
+
+
+def _spooled_whole(path: Path, checksum: int | None) -> bool:
+    try:
+        return is_whole(path, checksum)
+    except OSError:
+        return True  # cannot tell (permissions, I/O): keep what may have been acknowledged
 
 
 def _named(column: str, values: Sequence[str]) -> str:

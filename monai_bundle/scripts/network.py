@@ -63,7 +63,9 @@ VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,
     "hflip": lambda x: torch.flip(x, dims=[-1]),
     "vflip": lambda x: torch.flip(x, dims=[-2]),
-    "rot90": lambda x: torch.rot90(x, 1, dims=[-2, -1]),
+    # torch.rot90(x, 1, dims=[-2, -1]), written as a transpose and a flip (the same pixels) so
+    # that the network exports to ONNX (which has no rot90)
+    "rot90": lambda x: x.transpose(-2, -1).flip(-2),
 }
 
 
@@ -165,8 +167,21 @@ class FusionNet(nn.Module):
 
     def scoring_features(self, image: torch.Tensor) -> torch.Tensor:
         """Image features averaged over ``test_time_views`` (what scoring feeds the head)."""
-        views = [self.image_features(VIEWS[v](image)) for v in self.test_time_views]
-        return torch.stack(views).mean(dim=0)
+        return self.scoring_features_and_map(image)[0]
+
+    def scoring_features_and_map(
+        self, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scoring features, and the identity view's last feature map from the same pass
+        (None when the identity view is not among ``test_time_views``): what Grad-CAM explains,
+        so explaining a scored image needs no second run of the backbone."""
+        views, identity_map = [], None
+        for view in self.test_time_views:
+            feature_map = self.feature_map(VIEWS[view](image))
+            if view == "identity":
+                identity_map = feature_map
+            views.append(feature_map.mean(dim=(2, 3)))
+        return torch.stack(views).mean(dim=0), identity_map
 
     def prior_logit(self, metadata: torch.Tensor) -> torch.Tensor:
         """Log-odds shift of the ISIC 2020 metadata prior, relative to 'nothing known'."""

@@ -51,8 +51,23 @@ def saliency_map(network: FusionNet, image: torch.Tensor, metadata: torch.Tensor
     with torch.inference_mode(False), torch.no_grad():
         x = image.detach().clone().float().unsqueeze(0)
         feature_map = network.feature_map(x.contiguous(memory_format=torch.channels_last))
+    return saliency_from_feature_map(network, feature_map[0], metadata)
+
+
+def saliency_from_feature_map(
+    network: FusionNet, feature_map: torch.Tensor, metadata: torch.Tensor
+) -> np.ndarray:
+    """``saliency_map`` from the image's last feature map (C x h x w) as scoring computed it
+    (``FusionNet.scoring_features_and_map``): only the head is run again, with autograd."""
+    if feature_map.ndim != 3:
+        raise ValueError(f"feature_map must be C x h x w, got {tuple(feature_map.shape)}")
+    if tuple(metadata.shape) != (METADATA_WIDTH,):
+        raise ValueError(
+            f"metadata must be an encoded vector of {METADATA_WIDTH}, got {tuple(metadata.shape)}"
+        )
+    # Inference-mode tensors cannot enter autograd: a plain copy can.
     with torch.inference_mode(False), torch.enable_grad():
-        feature_map = feature_map.detach().clone().requires_grad_(True)
+        feature_map = feature_map.detach().clone().float().unsqueeze(0).requires_grad_(True)
         meta = metadata.detach().clone().float().reshape(1, -1)
         logit = network.head(feature_map.mean(dim=(2, 3)), meta)
         (gradient,) = torch.autograd.grad(logit.sum(), feature_map)

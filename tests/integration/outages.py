@@ -202,7 +202,7 @@ def peers_down(
     ``before_return`` is called with the studies' UIDs while the peers are still down."""
     batch = make_studies(folder, studies, f"DOWN{int(pacs)}{int(fhir)}")
     uids = [uid for uid, _ in batch]
-    with _down(orthanc, pacs), (fhir_down() if fhir else _nothing()):
+    with _down(orthanc, pacs), fhir_down() if fhir else _nothing():
         started = time.monotonic()
         for _, files in batch:
             assert sent(service.ae_title, service.port, files)

@@ -339,21 +339,23 @@ def test_resend_delivers_a_studys_reports_again_without_duplicates(
     eventually(lambda: len(_srs_in_orthanc(orthanc, study_uid)) == 1, 90, "the SR in Orthanc")
     first = eventually(
         lambda: (
-            (o := _outbox_of_study(service, study_uid)) and len(o) == 3 and all(o.values()) and o
+            (o := _outbox_of_study(service, study_uid)) and len(o) == 4 and all(o.values()) and o
         ),
         60,
-        "SR, capture and Bundle of the study delivered",
+        "SR, capture, Bundle and the overlay drawn",
     )
-    assert {key.split(":")[0] for key in first} == {"sr", "sc", "fhir"}
+    assert {key.split(":")[0] for key in first} == {"sr", "sc", "fhir", "explain"}
 
     resent_at = time.time()
     resend = _dermfusion(service, "resend", study_uid)
     assert resend.returncode == 0, resend.stderr
-    assert resend.stdout == f"resend {study_uid}: 3 deliveries re-queued (fhir 1, pacs 2)\n"
+    assert resend.stdout == (
+        f"resend {study_uid}: 4 deliveries re-queued (explanation 1, fhir 1, pacs 2)\n"
+    )
     eventually(
         lambda: all((at or 0) >= resent_at for at in _outbox_of_study(service, study_uid).values()),
         60,
-        "all three delivered again",
+        "all four delivered (drawn) again",
     )
     log = service.log_text()
     for key in first:

@@ -170,7 +170,7 @@ def _assert_page_in_browser(  # type: ignore[no-untyped-def]
             assert decision.startswith(
                 "melanoma suspected" if sr.melanoma_suspected else "not suspected"
             )
-            assert set(deliveries) == {"pacs", "fhir"}
+            assert set(deliveries) == {"pacs", "fhir", "explanation"}  # + the overlay, drawn
             assert all(re.match(r"delivered \d{4}-", text) for text in deliveries.values())
         # The newest study first.
         assert rows[0].find_element(By.CSS_SELECTOR, "td.study").text == list(srs)[-1]

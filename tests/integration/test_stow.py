@@ -89,9 +89,9 @@ def test_stow_rs_delivers_srs_and_captures_once_and_a_resend_does_not_duplicate(
             metadata = orthanc.instance_metadata(instance["ID"])
             assert (metadata["Origin"], metadata.get("RemoteAET", "")) == ("Plugins", "")
         first = eventually(
-            lambda: (o := _outbox(service)) and len(o) == 4 and all(v[0] for v in o.values()) and o,
+            lambda: (o := _outbox(service)) and len(o) == 6 and all(v[0] for v in o.values()) and o,
             60,
-            "two SRs and two captures delivered",
+            "two SRs and two captures delivered, two overlays drawn",
         )
         log = service.log_text()
         assert log.count("STOW-RS of ") == 4 and log.count(": success (") == 4
@@ -105,15 +105,17 @@ def test_stow_rs_delivers_srs_and_captures_once_and_a_resend_does_not_duplicate(
             timeout=120,
         )
         assert resend.returncode == 0, resend.stderr
-        assert resend.stdout == f"resend {study_uid}: 4 deliveries re-queued (pacs 4)\n"
+        assert resend.stdout == (
+            f"resend {study_uid}: 6 deliveries re-queued (explanation 2, pacs 4)\n"
+        )
         eventually(
             lambda: all((v[0] or 0) >= resent_at for v in _outbox(service).values()),
             60,
-            "all four delivered again",
+            "all six delivered (drawn) again",
         )
         log = service.log_text()
         for key in first:
-            assert log.count(f"outbox: delivered {key} to pacs") == 2
+            assert log.count(f"outbox: delivered {key} to ") == 2
         # Orthanc answered the re-stored instances as stored, and keeps one of each.
         assert len(_srs_in_orthanc(orthanc, study_uid)) == 2
         assert len(_captures_in_orthanc(orthanc, study_uid)) == 2
@@ -129,7 +131,9 @@ def test_a_dicomweb_url_the_pacs_does_not_serve_is_parked_with_a_readable_reason
         study_uid, files = _study(tmp_path, "DF-STOW-0002", age="061Y", sex="M")
         _storescu(service.ae_title, service.port, files)
         service.wait_for_log("parked after 2 refused attempt(s)", timeout=120)
-        ((delivered, parked, last_error),) = _outbox(service).values()
+        outbox = _outbox(service)
+        assert {key.split(":")[0] for key in outbox} == {"sr", "explain"}
+        (delivered, parked, last_error) = next(v for k, v in outbox.items() if k.startswith("sr:"))
         assert delivered is None and parked is not None
         assert last_error == (
             "refused or unreadable: PacsRejectedError: HTTP 404 Not Found: check pacs.dicomweb_url"

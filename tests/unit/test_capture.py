@@ -13,8 +13,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_io.capture import SECONDARY_CAPTURE_IMAGE_STORAGE, SaliencyCaptureWriter
 from dicom_io.images import DermoscopyImage, UnsupportedInstanceError, read_image
 from dicom_io.sr import read_reported_finding
+from monai_bundle.scripts.metadata import METADATA_WIDTH
 from monai_bundle.scripts.saliency import OVERLAY_ALPHA, jet_colours, overlay_rgb
 from plugin.domain import Demographics, Finding, ModelIdentity
+from plugin.model import Explanation
 from plugin.pipeline import ReportPipeline
 from tests.conftest import SAMPLES, dciodvfy_errors
 
@@ -111,7 +113,13 @@ class _StubModel:
     def score(self, rgbs: list[np.ndarray], demographics: list[Demographics]) -> list[Finding]:
         return [Finding(0.7, 0.5, MODEL) for _ in rgbs]
 
-    def saliency(self, rgb: np.ndarray, demographics: Demographics) -> np.ndarray:
+    def score_explainable(
+        self, rgbs: list[np.ndarray], demographics: list[Demographics]
+    ) -> list[tuple[Finding, Explanation]]:
+        scored = self.score(rgbs, demographics)
+        return [(f, Explanation(None, np.zeros(METADATA_WIDTH, np.float32))) for f in scored]
+
+    def explain(self, rgb: np.ndarray, explanation: Explanation) -> np.ndarray:
         return _saliency()
 
 
@@ -169,6 +177,12 @@ def test_sr_names_the_algorithm_and_points_at_the_capture_as_its_visual_explanat
         for item in series.ReferencedSOPSequence
     }
     assert evidence == {image.ref.sop_instance_uid, capture.SOPInstanceUID}
+    series = {
+        series.SeriesInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+    }
+    assert series == {image.dataset.SeriesInstanceUID, capture.SeriesInstanceUID}
     assert dciodvfy_errors(files.sr) == []
     assert dciodvfy_errors(files.capture) == []
     # Without a capture nothing is referenced that the PACS will not have.
@@ -192,6 +206,10 @@ def test_same_source_and_model_give_the_same_uids() -> None:
     )
     assert first.SOPInstanceUID == again.SOPInstanceUID != newer.SOPInstanceUID
     assert first.SeriesInstanceUID == again.SeriesInstanceUID
+    # what the SR names before the overlay is computed is what build makes later
+    named = SaliencyCaptureWriter.reference(image.ref, MODEL)
+    identity = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+    assert [named.get(k) for k in identity] == [first.get(k) for k in identity]
 
 
 def test_our_own_capture_is_refused_as_input(tmp_path: Path) -> None:

@@ -24,10 +24,12 @@ import pytest
 from dicom_io.images import DermoscopyImage
 from dicom_io.sender import CStoreSender, PacsRejectedError, PacsUnavailableError
 from fhir_io import FhirClient, FhirRejectedError, FhirUnavailableError
+from monai_bundle.scripts.metadata import encode_missing
 from plugin.demographics import ConflictPolicy
 from plugin.domain import Demographics, Finding, ModelIdentity
-from plugin.outbox import FHIR, PACS, Backoff, FhirDestination, Outbox, PacsDestination
-from plugin.pipeline import ReportFiles, ReportPipeline
+from plugin.model import Explanation
+from plugin.outbox import EXPLANATION, FHIR, PACS, Backoff, FhirDestination, Outbox, PacsDestination
+from plugin.pipeline import Overlay, ReportFiles, ReportPipeline
 from plugin.service import SpoolSink, StudyProcessor, StudyScorer
 from plugin.state import InstanceRow, OutboxItem, SqliteStateStore
 from plugin.workers import Worker
@@ -100,10 +102,12 @@ class DownFhir:
         raise FhirUnavailableError("connect failed: connection refused")
 
 
-def _processor(store: SqliteStateStore, tmp_path: Path, fusion_model, fhir=None):  # type: ignore[no-untyped-def]
+def _processor(store: SqliteStateStore, tmp_path: Path, fusion_model, fhir=None, capture=None):  # type: ignore[no-untyped-def]
     return StudyProcessor(
         store=store,
-        pipeline=ReportPipeline(model=fusion_model, patient_identifier_system="urn:test"),
+        pipeline=ReportPipeline(
+            model=fusion_model, patient_identifier_system="urn:test", capture_writer=capture
+        ),
         outbox_dir=tmp_path / "outbox",
         destinations=frozenset({PACS, FHIR}),
         fhir=fhir,
@@ -124,7 +128,8 @@ def test_a_broken_instance_is_kept_and_named_while_the_rest_is_scored(
     with caplog.at_level(logging.INFO):
         _processor(store, tmp_path, fusion_model).process(study, now=10.0)
     assert store.ready_studies(now=100.0, stable_seconds=0) == []
-    assert sorted(i.destination for i in store.due_outbox(now=10.0, limit=10)) == [FHIR, PACS]
+    due = sorted(i.destination for i in store.due_outbox(now=10.0, limit=10))
+    assert due == [EXPLANATION, FHIR, PACS]
     assert len(list((tmp_path / "outbox").glob("*.dcm"))) == 1
     assert (tmp_path / "spool" / study / "broken.dcm").exists()  # kept for inspection
     assert any("broken.dcm" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
@@ -148,7 +153,7 @@ def test_fhir_down_postpones_the_study_then_scores_without_it(
     assert store.ready_studies(now=100.5, stable_seconds=0) == []  # postponed
     assert store.due_outbox(now=1e9, limit=10) == []
     processor.process(study, now=111.0)  # waited longer than fhir_wait_seconds
-    assert len(store.due_outbox(now=1e9, limit=10)) == 2
+    assert len(store.due_outbox(now=1e9, limit=10)) == 3  # SR, Bundle, overlay
 
 
 def test_spool_sink_refuses_a_uid_that_is_not_a_uid(tmp_path: Path) -> None:
@@ -308,14 +313,18 @@ class _FakeReport:
     def sr(self) -> SimpleNamespace:
         return SimpleNamespace(SOPInstanceUID=f"{self.image.ref.sop_instance_uid}.9")
 
-    capture = None
     finding = Finding(0.2, 0.5, ModelIdentity("fake model", "0"))
+    explanation = Explanation(None, encode_missing(1)[0])
 
-    def write_files(self, folder: Path) -> ReportFiles:
+    @property
+    def overlay(self) -> Overlay:
+        return Overlay(self.image, self.explanation, self.finding.model, self.sr.SOPInstanceUID)
+
+    def write_reports(self, folder: Path) -> ReportFiles:
         folder.mkdir(parents=True, exist_ok=True)
         uid = self.sr.SOPInstanceUID
-        files = ReportFiles(folder / f"{uid}.dcm", folder / f"{uid}.json", folder / f"{uid}.png")
-        for path in (files.sr, files.bundle, files.saliency):
+        files = ReportFiles(folder / f"{uid}.dcm", folder / f"{uid}.json")
+        for path in (files.sr, files.bundle):
             path.write_bytes(b"report")
         return files
 
@@ -328,7 +337,7 @@ class FakePipeline:
         self.refuse = refuse
         self.batches: list[list[str]] = []
 
-    def run(
+    def report(
         self, images: Sequence[DermoscopyImage], demographics: Sequence[Demographics]
     ) -> list[_FakeReport]:
         self.batches.append([i.ref.sop_instance_uid for i in images])
@@ -367,7 +376,10 @@ def test_a_study_that_keeps_failing_is_parked_and_its_good_images_are_reported(
         assert store.due_outbox(now=1e9, limit=5) == []
         assert scorer.score_ready(now=10.5) == 0  # not due yet
         assert scorer.score_ready(now=11.0) == 0  # one image at a time: good reported (2 of 3)
-        assert [i.key for i in store.due_outbox(now=1e9, limit=5)] == ["sr:1.2.826.0.1.1.9"]
+        assert [i.key for i in store.due_outbox(now=1e9, limit=5)] == [
+            "sr:1.2.826.0.1.1.9",
+            "explain:1.2.826.0.1.1.9",  # the overlay, drawn by the delivery worker
+        ]
         assert scorer.score_ready(now=13.0) == 0  # the bad one alone (3 of 3): parked
         assert scorer.score_ready(now=1e9) == 0  # and no longer tried
     assert pipeline.batches == [
@@ -388,7 +400,7 @@ def test_a_study_that_keeps_failing_is_parked_and_its_good_images_are_reported(
     pipeline.refuse.clear()  # the cause is fixed: an operator re-queues the study
     assert store.requeue_parked_studies([study]) == 1
     assert scorer.score_ready(now=2e9) == 1
-    assert len(store.due_outbox(now=3e9, limit=5)) == 2 and store.parked() == []
+    assert len(store.due_outbox(now=3e9, limit=5)) == 4 and store.parked() == []
 
 
 class FailingProcessor:
@@ -562,3 +574,95 @@ def test_fhir_delivery_names_the_ehr_patient_and_never_creates_one(
     for subject in subjects:
         assert subject.get("reference") == subject_reference
         assert subject["identifier"] == {"system": "urn:oid:1.2.3", "value": "MRN-1"}
+
+
+def test_the_overlay_is_owed_after_the_reports_and_drawn_from_memory_or_after_a_restart(
+    spooled,
+    tmp_path: Path,
+    fusion_model,  # type: ignore[no-untyped-def]
+) -> None:
+    """SR and Bundle are owed at once; the overlay is an owed item of its own. Drawn by the
+    delivery worker from the scoring pass's feature map, it owes the Secondary Capture the SR
+    names; after a restart (nothing in memory) it is drawn again from the spooled image."""
+    import numpy as np
+    from PIL import Image
+
+    from dicom_io.capture import SaliencyCaptureWriter
+    from dicom_io.sr import read_reported_finding
+    from plugin.explanations import ExplanationDestination, ScoredImages
+
+    store, study = spooled
+    processor = _processor(store, tmp_path, fusion_model, capture=SaliencyCaptureWriter())
+    processor.process(study, now=10.0)
+    (sr_path,) = (tmp_path / "outbox").glob("*.dcm")
+    uid = sr_path.stem
+    assert not (tmp_path / "outbox" / f"{uid}_saliency.png").exists()  # reports did not wait
+    owed = {i.key: i for i in store.due_outbox(now=10.0, limit=10)}
+    assert set(owed) == {f"sr:{uid}", f"fhir:{uid}", f"explain:{uid}"}
+
+    def drawn(scored: ScoredImages, now: float) -> np.ndarray:
+        destination = ExplanationDestination(
+            processor.pipeline,
+            store,
+            tmp_path / "outbox",
+            scored,
+            send_capture=True,
+            clock=lambda: now,
+        )
+        outbox = Outbox(store, {EXPLANATION: destination}, Backoff(1, 4))
+        store.requeue_study_deliveries(study, now)  # delivered or not: draw it (again)
+        before = {i.key for i in store.due_outbox(now=now, limit=10)}
+        assert f"explain:{uid}" in before
+        outbox.deliver_due(now=now)
+        with Image.open(tmp_path / "outbox" / f"{uid}_saliency.png") as png:
+            return np.asarray(png).astype(int)
+
+    from_memory = drawn(processor.scored, 20.0)
+    capture = read_reported_finding(pydicom.dcmread(sr_path)).visual_explanation_uid
+    assert f"sc:{capture}" in {i.key for i in store.due_outbox(now=30.0, limit=20)}
+    assert pydicom.dcmread(tmp_path / "outbox" / f"{uid}_saliency.dcm").SOPInstanceUID == capture
+    from_spool = drawn(ScoredImages(), 40.0)  # a restarted service: nothing kept in memory
+    assert np.abs(from_memory - from_spool).max() <= 1  # the same map, up to rounding
+
+
+def test_an_overlay_scored_by_another_model_version_is_parked_with_the_reason(
+    spooled,
+    tmp_path: Path,
+    fusion_model,  # type: ignore[no-untyped-def]
+) -> None:
+    from dataclasses import replace
+
+    from plugin.explanations import ExplanationDestination, ScoredImages
+
+    store, study = spooled
+    processor = _processor(store, tmp_path, fusion_model)
+    processor.process(study, now=10.0)
+    newer = replace(fusion_model, identity=replace(fusion_model.identity, version="99.0.0"))
+    pipeline = ReportPipeline(model=newer, patient_identifier_system="urn:test")
+    destination = ExplanationDestination(
+        pipeline, store, tmp_path / "outbox", ScoredImages(), send_capture=False
+    )
+    outbox = Outbox(store, {EXPLANATION: destination}, Backoff(1, 4), max_attempts=1)
+    outbox.deliver_due(now=20.0)
+    (parked,) = store.parked()
+    assert parked.key.startswith("explain:")
+    assert "loaded model is" in parked.reason and "99.0.0" in parked.reason
+
+
+def test_a_stop_request_is_not_held_up_by_a_queue_of_ready_studies(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    for n in range(3):
+        row = InstanceRow(f"1.2.3.{n}", f"1.2.{n}", "1.2.840.10008.5.1.4.1.1.77.1.7", Path("/x"))
+        store.record_instance(row, f"a{n}", 0.0)
+        store.close_association(f"a{n}", 0.0)
+    processor = FailingProcessor(ValueError("not reached twice"))
+    stop = threading.Event()
+
+    def process(study_uid: str, now: float, *, one_by_one: bool = False) -> None:
+        stop.set()  # a SIGTERM arrives while the first study is scored
+        processor.calls += 1
+
+    processor.process = process  # type: ignore[method-assign]
+    scorer = StudyScorer(store, processor, 0, Backoff(1, 4), max_attempts=3, stopping=stop.is_set)
+    assert scorer.score_ready(now=10.0) == 1
+    assert processor.calls == 1

@@ -216,3 +216,27 @@ def test_jet_colours_run_from_blue_to_red() -> None:
     assert ends.dtype == np.uint8
     assert ends[0].argmax() == 2 and ends[2].argmax() == 0
     assert ends[1][1] == 255
+
+
+def test_grad_cam_from_the_scoring_pass_is_the_map_of_a_fresh_pass(  # type: ignore[no-untyped-def]
+    fusion_model, rgb, saliency
+) -> None:
+    """The service explains a scored image from the feature map scoring kept (no second run
+    of the backbone); that map, and the score, must be what a fresh pass gives."""
+    from plugin.domain import Demographics, Source, Sourced
+
+    demo = Demographics(
+        age=Sourced(55, Source.DICOM),
+        sex=Sourced("female", Source.DICOM),
+        site=Sourced("torso", Source.DICOM),
+    )
+    (finding, explanation), (other, _) = fusion_model.score_explainable(
+        [rgb, rgb[::-1].copy()], [demo, Demographics.unknown()]
+    )
+    assert explanation.feature_map is not None and explanation.feature_map.shape[0] == 1280
+    reused = fusion_model.explain(rgb, explanation)
+    assert np.abs(reused - saliency).max() < 1e-4
+    assert reused.max() == pytest.approx(1.0)  # a real map, not an empty one
+    (alone,) = fusion_model.score([rgb], [demo])
+    assert finding.probability == pytest.approx(alone.probability, abs=1e-6)
+    assert other.probability != pytest.approx(finding.probability, abs=1e-6)

@@ -4,8 +4,12 @@ parking and re-queueing, schema migration, and what the operator commands read a
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
+import zlib
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,18 +37,129 @@ def _row(sop: str, study: str = STUDY) -> InstanceRow:
     return InstanceRow(sop, study, "1.2.840.10008.5.1.4.1.1.77.1.7", Path(f"/spool/{sop}.dcm"))
 
 
-def test_study_is_ready_only_after_release_and_quiet_period(store: SqliteStateStore) -> None:
+def test_a_study_over_one_association_is_ready_as_soon_as_it_is_released(
+    store: SqliteStateStore,
+) -> None:
     store.record_instance(_row("1.1"), "assoc-a", received_at=100.0)
     store.record_instance(_row("1.2"), "assoc-a", received_at=101.0)
     assert store.ready_studies(now=200.0, stable_seconds=2) == []  # association still open
-    store.close_association("assoc-a", closed_at=101.5)
+    store.close_association("assoc-a", closed_at=101.1)
+    assert store.ready_studies(now=101.1, stable_seconds=2) == [STUDY]  # no quiet period
+    assert [r.sop_instance_uid for r in store.pending_instances(STUDY)] == ["1.1", "1.2"]
+
+
+def test_a_study_over_several_associations_waits_stable_seconds_after_its_last_arrival(
+    store: SqliteStateStore,
+) -> None:
+    store.record_instance(_row("1.1"), "assoc-a", received_at=100.0)
+    store.record_instance(_row("1.2"), "assoc-b", received_at=101.0)
+    store.close_association("assoc-a", closed_at=100.5)
+    assert store.ready_studies(now=200.0, stable_seconds=2) == []  # assoc-b still open
+    store.close_association("assoc-b", closed_at=101.5)
     assert store.ready_studies(now=102.5, stable_seconds=2) == []  # not quiet long enough
     assert store.ready_studies(now=103.0, stable_seconds=2) == [STUDY]
-    store.record_instance(_row("1.3"), "assoc-b", received_at=103.5)  # a late instance
-    assert store.ready_studies(now=110.0, stable_seconds=2) == []
-    store.close_association("assoc-b", closed_at=104.0)
-    assert store.ready_studies(now=110.0, stable_seconds=2) == [STUDY]
+    store.record_instance(_row("1.3"), "assoc-c", received_at=103.5)  # a late instance
+    store.close_association("assoc-c", closed_at=103.6)
+    assert store.ready_studies(now=105.0, stable_seconds=2) == []  # its own quiet period
+    assert store.ready_studies(now=105.5, stable_seconds=2) == [STUDY]
     assert [r.sop_instance_uid for r in store.pending_instances(STUDY)] == ["1.1", "1.2", "1.3"]
+
+
+def test_a_study_with_an_open_association_is_never_ready(store: SqliteStateStore) -> None:
+    store.record_instance(_row("1.1"), "assoc-a", received_at=100.0)
+    assert store.ready_studies(now=1e9, stable_seconds=0) == []  # its only association
+    store.close_association("assoc-a", closed_at=100.5)
+    store.record_instance(_row("1.2"), "assoc-b", received_at=101.0)
+    assert store.ready_studies(now=1e9, stable_seconds=0) == []  # one of two still open
+    store.close_association("assoc-b", closed_at=102.0)
+    assert store.ready_studies(now=1e9, stable_seconds=0) == [STUDY]
+
+
+def test_a_scored_instance_from_another_association_still_counts(
+    store: SqliteStateStore,
+) -> None:
+    store.record_instance(_row("1.1"), "assoc-a", received_at=100.0)
+    store.close_association("assoc-a", closed_at=100.5)
+    store.complete(reported=["1.1"], failed=[], outbox=[], now=101.0)
+    store.record_instance(_row("1.2"), "assoc-b", received_at=110.0)  # the study grows
+    store.close_association("assoc-b", closed_at=110.5)
+    assert store.ready_studies(now=111.0, stable_seconds=2) == []  # two associations: wait
+    assert store.ready_studies(now=112.0, stable_seconds=2) == [STUDY]
+
+
+def test_instances_whose_spool_file_is_missing_or_partial_are_forgotten(tmp_path: Path) -> None:
+    """After a power cut: rows flushed with a file that did not make it are dropped."""
+    store = SqliteStateStore(tmp_path / "s.db")
+    whole, partial, replaced = tmp_path / "1.1.dcm", tmp_path / "1.4.dcm", tmp_path / "1.5.dcm"
+    whole.write_bytes(b"DICM whole")
+    partial.write_bytes(b"DICM")  # its row's checksum is that of b"DICM whole"
+    replaced.write_bytes(b"anything")  # written before its row: no checksum to check
+    crc = zlib.crc32(b"DICM whole")
+    store.record_instance(InstanceRow("1.1", STUDY, "1.2", whole), "a", 1.0, checksum=crc)
+    store.record_instance(InstanceRow("1.2", STUDY, "1.2", tmp_path / "1.2.dcm"), "a", 1.0)
+    store.record_instance(InstanceRow("1.3", STUDY, "1.2", tmp_path / "1.3.dcm"), "a", 1.0)
+    store.record_instance(InstanceRow("1.4", STUDY, "1.2", partial), "a", 1.0, checksum=crc)
+    store.record_instance(InstanceRow("1.5", STUDY, "1.2", replaced), "a", 1.0)
+    store.complete(reported=["1.3"], failed=[], outbox=[], now=2.0)  # scored: not ours to drop
+    assert store.forget_unspooled_instances() == 2
+    assert [r.sop_instance_uid for r in store.pending_instances(STUDY)] == ["1.1", "1.5"]
+    assert store.forget_unspooled_instances() == 0
+    store.record_instance(InstanceRow("1.2", STUDY, "1.2", tmp_path / "1.2.dcm"), "b", 3.0)
+    assert {r.sop_instance_uid for r in store.pending_instances(STUDY)} == {"1.1", "1.2", "1.5"}
+
+
+def test_concurrent_arrivals_are_all_recorded(store: SqliteStateStore) -> None:
+    def arrive(first: int) -> None:
+        for n in range(first, first + 25):
+            store.record_instance(_row(f"1.{n}"), f"assoc-{first}", float(n))
+
+    threads = [threading.Thread(target=arrive, args=(first,)) for first in range(0, 200, 25)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(store.pending_instances(STUDY)) == 200
+
+
+def test_a_failed_group_commit_fails_only_the_instance_it_belongs_to(
+    store: SqliteStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two callers committed together: one row is refused, the other is still recorded."""
+    real = store._insert_arrivals
+    release = threading.Event()
+    batches: list[int] = []
+
+    def slow_then_real(batch: list[Any]) -> BaseException | None:
+        batches.append(len(batch))
+        release.wait(5)
+        if any(a.row.sop_instance_uid == "bad" for a in batch):
+            return sqlite3.OperationalError("disk I/O error")
+        return real(batch)
+
+    monkeypatch.setattr(store, "_insert_arrivals", slow_then_real)
+    errors: dict[str, BaseException | None] = {}
+
+    def arrive(sop: str) -> None:
+        try:
+            store.record_instance(_row(sop), "a", 1.0)
+            errors[sop] = None
+        except sqlite3.OperationalError as error:
+            errors[sop] = error
+
+    leader = threading.Thread(target=arrive, args=("1.1",))
+    leader.start()
+    time.sleep(0.1)  # the leader holds the commit: the next two wait and go together
+    followers = [threading.Thread(target=arrive, args=(sop,)) for sop in ("bad", "1.2")]
+    for thread in followers:
+        thread.start()
+    time.sleep(0.1)
+    release.set()
+    for thread in (leader, *followers):
+        thread.join(10)
+    assert batches[:2] == [1, 2]  # the leader alone, then the two followers together
+    assert errors["1.1"] is None and errors["1.2"] is None
+    assert isinstance(errors["bad"], sqlite3.OperationalError)
+    assert [r.sop_instance_uid for r in store.pending_instances(STUDY)] == ["1.1", "1.2"]
 
 
 def test_completion_is_exactly_once_and_resent_instances_are_not_rescored(
