@@ -179,6 +179,18 @@ def synthetic_lesion() -> Any:
     return rgb
 
 
+def _configured_load(settings: Settings) -> Callable[[Path], FusionModel]:
+    """Load as ``serve`` does: its thread count, its runtime (ONNX Runtime's export included,
+    in memory: the doctor leaves nothing behind in ``[storage] dir``)."""
+    from plugin.model import FusionModel, use_threads
+
+    def load(bundle_dir: Path) -> FusionModel:
+        use_threads(settings.model.threads)
+        return FusionModel.load(bundle_dir, runtime=settings.model.runtime)
+
+    return load
+
+
 def check_model(bundle_dir: Path, load: Callable[[Path], FusionModel] | None = None) -> Check:
     """The bundle must load and score: a missing weights file or a network that returns NaN
     would otherwise only show when the first study is scored."""
@@ -482,7 +494,7 @@ class Doctor:
         settings = self.settings
         yield check_storage(settings.storage)
         yield check_free_space(settings.storage)
-        yield check_model(settings.model.bundle_dir)
+        yield check_model(settings.model.bundle_dir, _configured_load(settings))
         yield check_pacs(settings.pacs, settings.listener.ae_title)
         yield check_fhir(settings.fhir)
         yield check_listener_port(settings.listener)
