@@ -107,7 +107,7 @@ def test_the_service_reports_a_dead_scoring_thread_and_restarts_it(
     from plugin import service as service_module
     from plugin.model import FusionModel
 
-    monkeypatch.setattr(FusionModel, "load", classmethod(lambda cls, d: object()))
+    monkeypatch.setattr(FusionModel, "load", classmethod(lambda cls, d, **how: object()))
     config = tmp_path / "dermfusion.toml"
     config.write_text(
         f'[listener]\nport = {_free_port()}\nbind_address = "127.0.0.1"\n'
