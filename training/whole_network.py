@@ -107,6 +107,16 @@ def clinic_prevalence_weights(
     return np.minimum(weights, max_weight)
 
 
+def training_mode(network: nn.Module, frozen_batchnorm_statistics: bool) -> None:
+    """``network.train()``; with frozen statistics every BatchNorm normalises with its stored
+    (ImageNet) running statistics and leaves them unchanged, while its scale and shift train."""
+    network.train()
+    if frozen_batchnorm_statistics:
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+
+
 class WholeNetworkTrainer:
     def __init__(
         self,
@@ -236,11 +246,7 @@ class WholeNetworkTrainer:
             if self._image_size(epoch) != size:
                 size = self._image_size(epoch)
                 images = decoded_images(list(frame.image), size, self.cache_dir)
-            network.train()
-            if recipe.frozen_batchnorm_statistics:
-                for module in network.modules():
-                    if isinstance(module, nn.BatchNorm2d):
-                        module.eval()
+            training_mode(network, recipe.frozen_batchnorm_statistics)
             epoch_start = time.monotonic()
             order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
             running, seen = 0.0, 0
