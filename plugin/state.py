@@ -852,16 +852,19 @@ class SqliteStateStore:
         return int(row[0])
 
     def recent_results(self, studies: int) -> list[ScoredResult]:
-        """Every result of the ``studies`` most recently scored studies, newest first."""
+        """Every result of the ``studies`` most recently scored studies, newest first (studies
+        scored in one pass share its time: the one recorded last is the newer)."""
         with self._lock:
             rows = self._db.execute(
                 """SELECT r.sop_instance_uid, r.study_instance_uid, r.sr_sop_instance_uid,
                           r.probability, r.threshold, r.suspected, r.model, r.scored_at
                    FROM results r JOIN (
-                       SELECT study_instance_uid, MAX(scored_at) AS latest FROM results
-                       GROUP BY study_instance_uid ORDER BY latest DESC LIMIT ?
+                       SELECT study_instance_uid, MAX(scored_at) AS latest,
+                              MAX(rowid) AS last_row
+                       FROM results
+                       GROUP BY study_instance_uid ORDER BY latest DESC, last_row DESC LIMIT ?
                    ) recent ON recent.study_instance_uid = r.study_instance_uid
-                   ORDER BY recent.latest DESC, r.study_instance_uid, r.sop_instance_uid""",
+                   ORDER BY recent.latest DESC, recent.last_row DESC, r.sop_instance_uid""",
                 (studies,),
             ).fetchall()
         return [

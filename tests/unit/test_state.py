@@ -540,3 +540,18 @@ def test_a_round_still_in_progress_keeps_its_timers(store: SqliteStateStore) -> 
     store.postpone_study(STUDY, until=5.0, first_try=2.0)
     store.complete(reported=["1.1"], failed=[], outbox=[], now=30.0)  # one image at a time
     assert store.first_try(STUDY) == 2.0
+
+
+def test_studies_scored_in_one_pass_are_listed_newest_first_by_when_they_were_recorded(
+    tmp_path: Path,
+) -> None:
+    """A scoring pass gives every study it scores the pass's time; the status page must still
+    show the one scored last first."""
+    from plugin.state import ScoredResult
+
+    store = SqliteStateStore(tmp_path / "s.db")
+    for study in ("1.2.1", "1.2.9"):  # scored in this order, in one pass at t = 5
+        result = ScoredResult(f"{study}.1", study, f"{study}.9", 0.1, 0.5, False, "m 1", 5.0)
+        store.complete(reported=[], failed=[], outbox=[], now=5.0, results=[result])
+    assert [r.study_instance_uid for r in store.recent_results(10)] == ["1.2.9", "1.2.1"]
+    assert [r.study_instance_uid for r in store.recent_results(1)] == ["1.2.9"]
