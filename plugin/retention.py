@@ -29,7 +29,7 @@ MIB = 1024 * 1024
 # Studies forgotten per database transaction batch: keeps each pass's lock short.
 RETENTION_BATCH = 100
 # Files written beside each report: ``<SR UID>`` + these (plugin.pipeline, plugin.explanations).
-EXPLANATION_REQUEST = "_explanation.json"  # plugin.explanations.REQUEST_SUFFIX
+EXPLANATION_REQUEST = "_explanation.json"  # the overlay request plugin.explanations writes
 REPORT_SUFFIXES = (".dcm", ".json", "_saliency.png", "_saliency.dcm", EXPLANATION_REQUEST)
 
 
