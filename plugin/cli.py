@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sqlite3
@@ -69,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument(
-        "--fine-tune-epochs", type=int, help="epochs of the larger-input stage (0: none)"
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=JSON",
+        help="a candidate recipe field (e.g. image_size=288); use with another --output-dir",
     )
 
     evaluate = sub.add_parser(
@@ -206,8 +211,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["recipe#epochs"] = args.epochs
     if args.seed is not None:
         overrides["recipe#seed"] = args.seed
-    if args.fine_tune_epochs is not None:
-        overrides["recipe#fine_tune_epochs"] = args.fine_tune_epochs
+    if args.set:
+        from dataclasses import fields
+
+        from training.whole_network import Recipe
+
+        known = {f.name for f in fields(Recipe)}
+        for item in args.set:
+            field, sep, value = item.partition("=")
+            if not sep or field not in known:
+                print(
+                    f"--set {item}: expected FIELD=JSON with FIELD one of the recipe's "
+                    f"({', '.join(sorted(known))})",
+                    file=sys.stderr,
+                )
+                return 2
+            try:
+                overrides[f"recipe#{field}"] = json.loads(value)
+            except json.JSONDecodeError as error:
+                print(f"--set {item}: the value is not JSON ({error})", file=sys.stderr)
+                return 2
     return _run_bundle_config(args, "train.json", **overrides)
 
 

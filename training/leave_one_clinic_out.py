@@ -51,22 +51,21 @@ def shipped_recipe() -> Recipe:
 def run_fold(
     clinic: str,
     epochs: int,
-    fine_tune_epochs: int | None,
     out: Path,
     data_root: str,
     overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
     **smoke: int,
 ) -> dict[str, Any]:
     """One fold; ``overrides``: recipe fields of a candidate; ``smoke``:
     ``max_images``/``max_steps`` for a quick check (tests)."""
     recipe = replace(shipped_recipe(), epochs=epochs, **(overrides or {}))
-    if fine_tune_epochs is not None:
-        recipe = replace(recipe, fine_tune_epochs=fine_tune_epochs)
     trainer = WholeNetworkTrainer(
         recipe,
         data_root=data_root,
         output_dir=str(out / clinic),
         cache_dir=str(REPO / "var" / "cache"),
+        device=device,
         held_out_clinic=clinic,
         **smoke,  # type: ignore[arg-type]
     )
@@ -83,7 +82,7 @@ def fold_summary(report: dict[str, Any]) -> dict[str, Any]:
         "with_metadata": {k: entry["with_metadata"][k] for k in ("auc", "auc_low", "auc_high")},
         "no_metadata": {k: entry["no_metadata"][k] for k in ("auc", "auc_low", "auc_high")},
         "epochs": report["recipe"]["epochs"],
-        "fine_tune_epochs": report["recipe"]["fine_tune_epochs"],
+        "device": report["device"],
         "training_minutes": round(report["training_seconds"] / 60, 1),
     }
 
@@ -108,11 +107,13 @@ def summarise(out: Path) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clinics", nargs="+", choices=CLINICS, default=list(CLINICS))
-    parser.add_argument("--epochs", type=int, default=2, help="first-stage epochs per fold")
-    parser.add_argument("--fine-tune-epochs", type=int, help="default: the recipe's")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per fold")
     parser.add_argument("--out", type=Path, default=REPO / "var" / "loco")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--summary", action="store_true", help="only collect the folds")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--max-images", type=int, help="smoke run on a small stratified subset")
+    parser.add_argument("--max-steps", type=int, help="smoke run: stop after this many steps")
     parser.add_argument(
         "--set",
         nargs="*",
@@ -129,10 +130,15 @@ def main() -> int:
             run_fold(
                 clinic,
                 args.epochs,
-                args.fine_tune_epochs,
                 args.out,
                 args.data_root,
                 {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)},
+                args.device,
+                **{
+                    k: v
+                    for k, v in (("max_images", args.max_images), ("max_steps", args.max_steps))
+                    if v is not None
+                },
             )
     if args.set:  # a candidate: its folds are printed, not written into the bundle
         for clinic in args.clinics:

@@ -7,7 +7,9 @@ of age, sex and site are missing. One code path for CPU and CUDA (``--device``).
 written after every epoch and a run resumes from the last one.
 
 BatchNorm: the batch statistics train with the network (batches of 32 mixed sources); the
-running statistics are what scoring uses.
+running statistics are what scoring uses. Keeping ImageNet's running statistics instead (scale
+and shift still training) stopped the image branch learning in two of three 10-epoch runs
+(docs/model-history.md).
 """
 
 from __future__ import annotations
@@ -71,15 +73,6 @@ class Recipe:
     val_fraction: float = 0.2
     sensitivity_target: float = 0.95
     include_archive: bool = True
-    # BatchNorm keeps ImageNet's running statistics (its scale and shift still train), so no
-    # training clinic's image statistics are written into the network (experiment)
-    frozen_batchnorm_statistics: bool = False
-    # a second stage at a larger input (progressive resizing): the same network fine-tuned for a
-    # few epochs on images decoded at ``fine_tune_image_size``, on a short schedule of its own
-    # whose peak is ``fine_tune_learning_rate_scale`` times the first stage's; 0 epochs: none
-    fine_tune_epochs: int = 0
-    fine_tune_image_size: int = 288
-    fine_tune_learning_rate_scale: float = 0.25
     network: dict[str, Any] = field(
         default_factory=lambda: {"test_time_views": ["identity", "hflip", "vflip", "rot90"]}
     )
@@ -105,16 +98,6 @@ def clinic_prevalence_weights(
         weights[rows & melanoma] = pooled / prevalence
         weights[rows & ~melanoma] = (1 - pooled) / (1 - prevalence)
     return np.minimum(weights, max_weight)
-
-
-def training_mode(network: nn.Module, frozen_batchnorm_statistics: bool) -> None:
-    """``network.train()``; with frozen statistics every BatchNorm normalises with its stored
-    (ImageNet) running statistics and leaves them unchanged, while its scale and shift train."""
-    network.train()
-    if frozen_batchnorm_statistics:
-        for module in network.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eval()
 
 
 class WholeNetworkTrainer:
@@ -167,6 +150,11 @@ class WholeNetworkTrainer:
                 raise ValueError(f"no images of clinic {self.held_out_clinic!r}")
         else:
             is_val = np.array(split_by_group(cases, recipe.val_fraction, recipe.seed))
+            if not is_val.any():
+                raise ValueError(
+                    f"{len(frame)} images leave no validation split: a smoke run needs "
+                    "--max-images 48 or more"
+                )
         labels = frame.label.to_numpy()
         log.info(
             "training on %d images (%d melanoma), validating on %d (%d melanoma), device %s",
@@ -208,15 +196,11 @@ class WholeNetworkTrainer:
         )
         train_rows = np.flatnonzero(~is_val)
         steps_per_epoch = math.ceil(len(train_rows) / recipe.batch_size)
-        stage_one = steps_per_epoch * recipe.epochs
-        stage_two = steps_per_epoch * recipe.fine_tune_epochs
-        total = stage_one + stage_two
+        total = steps_per_epoch * recipe.epochs
         if self.max_steps is not None:
             total = min(total, self.max_steps)
-            stage_one = min(stage_one, total)
-            stage_two = total - stage_one
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _two_stage_schedule(stage_one, stage_two, recipe)
+            optimizer, _warmup_cosine(total, recipe.warmup_fraction)
         )
         generator = torch.Generator().manual_seed(recipe.seed)
         augment = Augmenter()
@@ -238,21 +222,18 @@ class WholeNetworkTrainer:
         elif history_file.exists():
             history_file.unlink()
 
-        images = torch.empty(0, dtype=torch.uint8)
-        size = 0
-        for epoch in range(first_epoch, recipe.epochs + recipe.fine_tune_epochs):
+        size = recipe.image_size
+        images = decoded_images(list(frame.image), size, self.cache_dir)
+        for epoch in range(first_epoch, recipe.epochs):
             if step >= total:
                 break
-            if self._image_size(epoch) != size:
-                size = self._image_size(epoch)
-                images = decoded_images(list(frame.image), size, self.cache_dir)
-            training_mode(network, recipe.frozen_batchnorm_statistics)
+            network.train()
             epoch_start = time.monotonic()
             order = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
             running, seen = 0.0, 0
             bar = tqdm(
                 range(steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{recipe.epochs + recipe.fine_tune_epochs} ({size} px)",
+                desc=f"epoch {epoch + 1}/{recipe.epochs} ({size} px)",
                 mininterval=30,
                 file=sys.stderr,
             )
@@ -311,9 +292,6 @@ class WholeNetworkTrainer:
             torch.save(network.state_dict(), checkpoints / f"epoch-{epoch + 1:02d}.pt")
 
         network.eval()
-        final_size = self._image_size(recipe.epochs + recipe.fine_tune_epochs - 1)
-        if size != final_size:  # resumed after the last epoch
-            images = decoded_images(list(frame.image), final_size, self.cache_dir)
         finish_started = time.monotonic()
         report = self.finish(network, frame, is_val, images, metadata)
         epochs = [json.loads(line) for line in history_file.read_text().splitlines() if line]
@@ -326,11 +304,6 @@ class WholeNetworkTrainer:
             report["held_out_clinic"] = self.held_out_clinic
         self._save(network, report)
         return report
-
-    def _image_size(self, epoch: int) -> int:
-        if epoch >= self.recipe.epochs and self.recipe.fine_tune_epochs:
-            return self.recipe.fine_tune_image_size
-        return self.recipe.image_size
 
     @torch.inference_mode()
     def logits(
@@ -485,19 +458,13 @@ class WholeNetworkTrainer:
         )
 
 
-def _two_stage_schedule(stage_one: int, stage_two: int, recipe: Recipe) -> Any:
-    """Learning-rate factor per step: warm-up and cosine decay over the first stage, then the
-    same shape again over the fine-tuning stage, scaled down."""
-
-    def cosine(step: int, steps: int) -> float:
-        warmup = max(1, int(steps * recipe.warmup_fraction))
-        decay = 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-        return min(1.0, (step + 1) / warmup) * decay
+def _warmup_cosine(steps: int, warmup_fraction: float) -> Any:
+    """Learning-rate factor per step: linear warm-up, then cosine decay to zero."""
+    warmup = max(1, int(steps * warmup_fraction))
 
     def factor(step: int) -> float:
-        if step < stage_one or stage_two == 0:
-            return cosine(step, max(stage_one, 1))
-        return recipe.fine_tune_learning_rate_scale * cosine(step - stage_one, stage_two)
+        decay = 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+        return min(1.0, (step + 1) / warmup) * decay
 
     return factor
 

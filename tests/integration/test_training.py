@@ -141,18 +141,30 @@ def test_evaluate_writes_the_report_and_agrees_with_training(
 def test_a_leave_one_clinic_out_fold_never_trains_on_its_clinic(
     tmp_path: Path, shared_data: Path
 ) -> None:
-    """A smoke fold of both stages (224 px, then the larger fine-tuning input)."""
+    """A smoke fold: two epochs of the shipped recipe with one clinic held out."""
     from training.leave_one_clinic_out import fold_summary, run_fold
 
-    report = run_fold("rosendahl", 1, 1, tmp_path, str(shared_data), max_images=48, max_steps=3)
+    report = run_fold("rosendahl", 2, tmp_path, str(shared_data), max_images=48, max_steps=3)
     assert report["held_out_clinic"] == "rosendahl"
     assert set(report["subsets"]) == {"all", "ham10000"}  # the validation set: one clinic
     summary = fold_summary(report)
     assert summary["n"] == report["n_validation"] > 0
+    assert summary["device"] == "cpu" and summary["epochs"] == 2
     assert summary["n"] + report["n_train"] == 48  # the smoke draw: 8 per source and class
     log = [
         json.loads(line)
         for line in (tmp_path / "rosendahl" / "training_log.jsonl").read_text().split("\n")
         if line
     ]
-    assert [(e["epoch"], e["image_size"]) for e in log] == [(1, 224), (2, 288)]
+    assert [(e["epoch"], e["image_size"]) for e in log] == [(1, 224), (2, 224)]
+
+
+def test_a_smoke_run_too_small_for_a_validation_split_says_so(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    from training.whole_network import Recipe, WholeNetworkTrainer
+
+    trainer = WholeNetworkTrainer(Recipe(), str(shared_data), str(tmp_path), max_images=8)
+    with pytest.raises(ValueError, match="no validation split: a smoke run needs --max-images 48"):
+        trainer.run()
+    assert not (tmp_path / "model.pt").exists()
