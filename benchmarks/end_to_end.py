@@ -21,6 +21,10 @@ Orthanc binds every interface, so run it in a private network namespace:
 
 (add ``--studies N`` inside the quotes for fewer than 200).
 
+``--outbox``: issue 21's own conditions instead: embedded defaults, no PACS and no FHIR server,
+results to the outbox. Latency is last C-STORE to the SR (and the Bundle) written in the outbox;
+the burst is release to every study's reports in the outbox. No peers share the cores then.
+
 Prints a Markdown table and writes var/benchmarks/end_to_end.json.
 """
 
@@ -92,6 +96,99 @@ def percentile(values: list[float], q: float) -> float:
     )
 
 
+def outbox_reports(outbox: Path) -> int:
+    """Studies whose SR and Bundle are both in the outbox (one-image studies: one of each)."""
+    if not outbox.is_dir():
+        return 0
+    names = [p.name for p in outbox.iterdir()]
+    srs = sum(1 for n in names if n.endswith(".dcm") and not n.endswith("_saliency.dcm"))
+    bundles = sum(1 for n in names if n.endswith(".json") and not n.endswith("_explanation.json"))
+    return min(srs, bundles)
+
+
+def measure_outbox(
+    work: Path, studies: list[tuple[str, list[Path]]], n: int, stable: float, timeout: float
+) -> tuple[list[float], float, int]:
+    """Latency of n studies sent one at a time, then a burst of the rest, all to the outbox."""
+    latencies: list[float] = []
+    with running_dermfusion(work / "dermfusion", stable_seconds=stable) as service:
+        outbox = work / "dermfusion" / "var" / "outbox"
+        for done, (uid, files) in enumerate(studies[:n], start=1):
+            send(service.ae_title, service.port, files)
+            sent = time.perf_counter()
+            while outbox_reports(outbox) < done:
+                if time.perf_counter() - sent > 600:
+                    raise RuntimeError(f"study {uid}: no reports in the outbox in 600 s")
+                time.sleep(POLL_S / 5)
+            latencies.append(time.perf_counter() - sent)
+        print(f"latency: {len(latencies)} studies done", flush=True)
+        burst = studies[n:]
+        start = time.perf_counter()
+        for _, files in burst:
+            send(service.ae_title, service.port, files)
+        while outbox_reports(outbox) < n + len(burst):
+            if time.perf_counter() - start > timeout:
+                raise RuntimeError(f"burst not in the outbox in {timeout:.0f} s")
+            time.sleep(POLL_S)
+        burst_s = time.perf_counter() - start
+        assert service.process is not None
+        status = Path(f"/proc/{service.process.pid}/status").read_text()
+        rss_kib = int(
+            next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+        )
+    return latencies, burst_s, rss_kib
+
+
+def report_outbox(args: argparse.Namespace, baseline: float, on_onnx: float) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        studies = make_studies(work / "studies", 2 * args.studies, "e2e")
+        latencies, burst_s, rss_kib = measure_outbox(
+            work, studies, args.studies, args.stable, args.timeout
+        )
+    per_minute = 60 * args.studies / burst_s
+    rows = {
+        "scoring alone, ms/image": 1000 * baseline,
+        "scoring alone on onnxruntime, ms/image": 1000 * on_onnx,
+        "last C-STORE -> SR and Bundle in the outbox, p50 ms": 1000 * percentile(latencies, 50),
+        "last C-STORE -> SR and Bundle in the outbox, p95 ms": 1000 * percentile(latencies, 95),
+        "burst, studies/min": per_minute,
+        "serve peak RSS, MiB": rss_kib / 1024,
+    }
+    ratios = {
+        "burst throughput x scoring alone (target >= 0.7)": per_minute / 60 * baseline,
+        "outbox p50 / scoring alone (target <= 2.5)": percentile(latencies, 50) / baseline,
+        "outbox p50 / scoring alone on onnxruntime": percentile(latencies, 50) / on_onnx,
+        "burst throughput x scoring alone on onnxruntime": per_minute / 60 * on_onnx,
+    }
+    print(
+        f"\n{args.studies} studies one at a time, {args.studies} in a burst, results to the "
+        f"outbox (no PACS, no FHIR), stable_seconds {args.stable}\n"
+    )
+    print("| measure | value |\n| --- | --- |")
+    for name, value in {**rows, **ratios}.items():
+        print(f"| {name} | {value:.2f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "mode": "outbox",
+                "studies": args.studies,
+                "stable_seconds": args.stable,
+                "baseline_torch_threads": 1,
+                "outbox_latency_s": latencies,
+                "burst_s": burst_s,
+                "results": rows,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"\nwrote {args.out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -100,6 +197,11 @@ def main() -> int:
     parser.add_argument("--stable", type=float, default=1.0, help="the service's stable_seconds")
     parser.add_argument(
         "--timeout", type=float, default=1800.0, help="seconds to wait for the burst"
+    )
+    parser.add_argument(
+        "--outbox",
+        action="store_true",
+        help="no PACS, no FHIR: time the SR and Bundle written to the outbox",
     )
     parser.add_argument("--out", type=Path, default=REPO / "var" / "benchmarks" / "end_to_end.json")
     args = parser.parse_args()
@@ -114,6 +216,8 @@ def main() -> int:
         f"{1000 * on_onnx:.0f} ms (onnxruntime, as the service scores by default)",
         flush=True,
     )
+    if args.outbox:
+        return report_outbox(args, baseline, on_onnx)
     sr_lat: list[float] = []
     dr_lat: list[float] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:

@@ -53,7 +53,13 @@ from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
@@ -189,6 +195,17 @@ class _Tally:
         return studies
 
 
+def quiet_pynetdicom() -> None:
+    """Unbind pynetdicom's own event logging unless its logger would print it.
+
+    Its standard handlers format every DIMSE message and PDU into text for its logger, which
+    the service keeps at WARNING (``dermfusion --verbose`` lets it through): per C-STORE that
+    work is thrown away. Applies to associations and servers made after the call.
+    """
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _config.LOG_HANDLER_LEVEL = "none"
+
+
 def enable_tcp_nodelay(event: Event) -> None:
     """EVT_CONN_OPEN handler: turn Nagle off on the association's socket."""
     sock = event.assoc.dul.socket
@@ -257,6 +274,7 @@ class StorageListener:
         """Bind and serve in background threads; returns at once."""
         if self._server is not None:
             raise RuntimeError("listener is already started")
+        quiet_pynetdicom()
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, enable_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),

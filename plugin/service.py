@@ -57,7 +57,7 @@ from plugin.workers import Supervisor, Worker
 
 log = logging.getLogger(__name__)
 
-WORKER_POLL_SECONDS = 0.2  # how often the threads look for ready studies and due deliveries
+WORKER_POLL_SECONDS = 0.2  # at the latest: released studies and owed reports wake them sooner
 # After a failed pass (a full disk, a locked database) a worker waits 1 s, doubling up to this:
 # how soon work resumes once the cause is gone, against how often the log repeats it.
 WORKER_PAUSE_MAX_SECONDS = 30.0
@@ -111,6 +111,8 @@ class SpoolSink:
     clock: Callable[[], float] = time.time
     watermark: FreeSpaceWatermark | None = None
     metrics: ServiceMetrics | None = None
+    # told when an association ends (its study may now be ready: the scorer need not poll)
+    on_association_closed: Callable[[], None] | None = None
     SPACE_CHECK_SECONDS = 0.5
     SPACE_CHECK_SHARE = 16
     _space_read_at: float = field(default=float("-inf"), init=False, repr=False)
@@ -155,6 +157,8 @@ class SpoolSink:
 
     def association_closed(self, association_id: str) -> None:
         self.store.close_association(association_id, self.clock())
+        if self.on_association_closed is not None:
+            self.on_association_closed()
 
 
 def _study_date(image: DermoscopyImage) -> date:
@@ -338,6 +342,8 @@ class StudyScorer:
     metrics: ServiceMetrics | None = None
     # asked between studies: a stop request is not held up by a long queue of ready studies
     stopping: Callable[[], bool] = lambda: False
+    # told after each study scored (it owes deliveries now: the delivery worker need not poll)
+    on_scored: Callable[[], None] | None = None
 
     def score_ready(self, now: float) -> int:
         """Process every ready study; returns how many passed without failing."""
@@ -354,6 +360,8 @@ class StudyScorer:
             if attempts:
                 self.store.clear_study_failures(study_uid)
             passed += 1
+            if self.on_scored is not None:
+                self.on_scored()
         return passed
 
     def _failed(self, study_uid: str, error: Exception, attempts: int, now: float) -> None:
@@ -394,6 +402,10 @@ class StudyScorer:
 class DermfusionService:
     settings: Settings
     _stop: threading.Event = field(default_factory=threading.Event)
+    # rung when a study may have become ready / when reports are owed: the workers then start
+    # their next pass at once instead of at their next poll
+    _study_released: threading.Event = field(default_factory=threading.Event)
+    _reports_owed: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         storage = self.settings.storage
@@ -458,7 +470,11 @@ class DermfusionService:
             limits=association_limits(listener),
             ssl_context=listener_tls_context(listener),
             sink=SpoolSink(
-                storage.spool, self.store, watermark=self.watermark, metrics=self.metrics
+                storage.spool,
+                self.store,
+                watermark=self.watermark,
+                metrics=self.metrics,
+                on_association_closed=self._study_released.set,
             ),
             capacity=self.watermark.shortfall,
             on_refusal=lambda kind, why: self.metrics.refusals.labels(kind, why).inc(),
@@ -472,6 +488,7 @@ class DermfusionService:
             max_attempts=self.settings.study.max_attempts,
             metrics=self.metrics,
             stopping=self._stop.is_set,
+            on_scored=self._reports_owed.set,
         )
         # Scoring and delivery run apart, so a slow or unreachable PACS/FHIR server (connect
         # timeouts) never delays the scoring of the next study.
@@ -483,6 +500,7 @@ class DermfusionService:
                 self._stop,
                 poll_seconds=WORKER_POLL_SECONDS,
                 pause=pause,
+                wake=self._study_released,
             ),
             Worker(
                 "dermfusion-delivery",
@@ -490,6 +508,7 @@ class DermfusionService:
                 self._stop,
                 poll_seconds=WORKER_POLL_SECONDS,
                 pause=pause,
+                wake=self._reports_owed,
             ),
         ]
         keep_days = self.settings.retention.keep_days

@@ -21,7 +21,13 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    """``work(now)`` in a guarded loop on a thread named ``name``, until ``stop`` is set."""
+    """``work(now)`` in a guarded loop on a thread named ``name``, until ``stop`` is set.
+
+    Between passes it waits ``poll_seconds``, or less when ``wake`` is set (new work announced:
+    a study released, a report owed), so that work need not wait for the next poll. After a
+    failed pass it waits out its pause whatever is announced, so a failing pass cannot be run
+    again and again by a busy stream of instances.
+    """
 
     def __init__(
         self,
@@ -31,12 +37,14 @@ class Worker:
         *,
         poll_seconds: float,
         pause: Backoff,
+        wake: threading.Event | None = None,
     ) -> None:
         self.name = name
         self._work = work
         self._stop = stop
         self._poll_seconds = poll_seconds
         self._pause = pause
+        self._wake = wake if wake is not None else threading.Event()
         self._thread: threading.Thread | None = None
         self.restarts = 0
         self.death: str | None = None  # why the thread last ended, if it did not stop cleanly
@@ -46,10 +54,17 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Run the next pass now (or as soon as the current one ends)."""
+        self._wake.set()
+
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def join(self, timeout: float) -> None:
+        """Wait for the thread to end (after ``stop``): woken first, so that a worker idle
+        between passes (up to ``poll_seconds``, an hour for retention) sees the stop now."""
+        self._wake.set()
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -63,10 +78,12 @@ class Worker:
                     failures += 1
                     wait = self._pause.delay(failures - 1)
                     _log_failed_pass(self.name, error, failures, wait)
+                    self._stop.wait(wait)
                 else:
                     failures = 0
-                    wait = self._poll_seconds
-                self._stop.wait(wait)
+                    # a wake during a pass makes the next one start at once
+                    self._wake.wait(self._poll_seconds)
+                    self._wake.clear()
         except BaseException as error:  # noqa: BLE001 - recorded for the supervisor's log line
             # Ending quietly keeps the error text (which may quote patient data) off stderr.
             self.death = describe(error)

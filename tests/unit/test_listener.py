@@ -654,3 +654,32 @@ def test_an_image_within_the_limits_is_taken(sink: RecordingSink) -> None:
             (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit]),
         )
     assert status == StoreStatus.SUCCESS and len(sink.instances) == 1
+
+
+@pytest.mark.parametrize(
+    ("level", "handlers"), [(logging.WARNING, "none"), (logging.INFO, "standard")]
+)
+def test_pynetdicom_formats_its_event_log_only_when_its_logger_would_print_it(
+    sink: RecordingSink, monkeypatch: pytest.MonkeyPatch, level: int, handlers: str
+) -> None:
+    from pynetdicom._handlers import standard_dimse_recv_handler
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    logger = logging.getLogger("pynetdicom")
+    before = logger.level
+    logger.setLevel(level)  # setLevel, not the attribute: it clears the cached answers
+    try:
+        with StorageListener(ae_title=AE_TITLE, port=0, host="127.0.0.1", sink=sink) as running:
+            assert handlers == _config.LOG_HANDLER_LEVEL
+            assert running._server is not None
+            bound = [h[0] for h in running._server.get_handlers(evt.EVT_DIMSE_RECV)]
+            assert (standard_dimse_recv_handler in bound) is (handlers == "standard")
+            # its own handlers are bound either way: it still stores
+            status = _c_store_status(
+                running.port,
+                pydicom.dcmread(DMS_FILE),
+                (SopClass.DERMOSCOPIC_PHOTOGRAPHY, [JPEGBaseline8Bit]),
+            )
+    finally:
+        logger.setLevel(before)
+    assert status == 0 and len(sink.instances) == 1

@@ -127,3 +127,79 @@ def test_the_service_reports_a_dead_scoring_thread_and_restarts_it(
             service.stop()
     assert not service.healthy()
     assert "0 deliveries owed; parked: 0 deliveries, 0 studies" in caplog.text
+
+
+class Passes:
+    """Counts passes; fails the ones whose number is in ``failing``."""
+
+    def __init__(self, failing: frozenset[int] = frozenset()) -> None:
+        self.calls = 0
+        self.failing = failing
+
+    def __call__(self, now: float) -> None:
+        self.calls += 1
+        if self.calls in self.failing:
+            raise RuntimeError("disk full")
+
+
+def test_a_wake_starts_the_next_pass_without_waiting_for_the_poll() -> None:
+    stop, bell = threading.Event(), threading.Event()
+    work = Passes()
+    worker = Worker("test-worker", work, stop, poll_seconds=3600, pause=Backoff(0, 0), wake=bell)
+    worker.start()
+    try:
+        _wait_for(lambda: work.calls == 1)  # the first pass, then an hour's poll
+        bell.set()  # what the service does when an association is released
+        _wait_for(lambda: work.calls == 2)
+        worker.wake()
+        _wait_for(lambda: work.calls == 3)
+        time.sleep(0.2)
+        assert work.calls == 3  # a wake is one pass, not a busy loop
+    finally:
+        stop.set()
+        worker.join(5)  # wakes it: an idle worker does not sit out its hour-long poll
+    assert not worker.is_alive()
+
+
+def test_a_wake_does_not_cut_short_the_pause_after_a_failed_pass() -> None:
+    stop = threading.Event()
+    work = Passes(failing=frozenset({1}))
+    worker = Worker("test-worker", work, stop, poll_seconds=3600, pause=Backoff(3600, 3600))
+    worker.start()
+    try:
+        _wait_for(lambda: work.calls == 1)
+        worker.wake()
+        time.sleep(0.3)
+        assert work.calls == 1  # still in its pause: a busy stream cannot rerun a failing pass
+    finally:
+        stop.set()
+        worker.join(5)
+    assert not worker.is_alive()  # the stop ends the pause
+
+
+def test_the_service_wakes_its_scorer_on_release_and_its_delivery_after_scoring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring: the listener's sink rings the scorer, the scorer rings the delivery worker."""
+    from plugin import service as service_module
+    from plugin.model import FusionModel
+
+    monkeypatch.setattr(FusionModel, "load", classmethod(lambda cls, d, **how: object()))
+    config = tmp_path / "dermfusion.toml"
+    config.write_text(
+        f'[listener]\nport = {_free_port()}\nbind_address = "127.0.0.1"\n'
+        f'[storage]\ndir = "{tmp_path / "var"}"\n'
+    )
+    service = service_module.DermfusionService(load_settings(config))
+    sink = service.listener._sink
+    assert not service._study_released.is_set()
+    sink.association_closed("no-such-association")
+    assert service._study_released.is_set()
+    ready = ["1.2.3"]
+    monkeypatch.setattr(service.store, "ready_studies", lambda now, stable: ready)
+    monkeypatch.setattr(service.store, "study_attempts", lambda uid: 0)
+    monkeypatch.setattr(service.processor, "process", lambda uid, now, one_by_one: None)
+    assert not service._reports_owed.is_set()
+    assert service.scorer.score_ready(0.0) == 1
+    assert service._reports_owed.is_set()
+    service.store.close()
