@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +36,26 @@ def _decode(path: str, size: int) -> np.ndarray:
         return np.asarray(rgb).transpose(2, 0, 1).copy()
 
 
-def decoded_images(paths: Sequence[str], size: int, cache_dir: str | Path | None) -> torch.Tensor:
-    """N x 3 x size x size uint8, cached on disk under a key of the paths and the size."""
+def decoded_images(
+    paths: Sequence[str], size: int, cache_dir: str | Path | None, workers: int = 1
+) -> torch.Tensor:
+    """N x 3 x size x size uint8, cached on disk under a key of the paths and the size.
+
+    ``workers`` > 1 decodes in that many processes (a machine with many cores, e.g. before
+    several training runs share one cache: decode once, then start them)."""
     key = hashlib.sha256(("\n".join(paths) + f"\n{size}").encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"images-{size}-{key}.npy" if cache_dir else None
     if cache is not None and cache.exists():
         return torch.from_numpy(np.load(cache))
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        out[i] = _decode(path, size)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            decoded = pool.map(_decode, paths, [size] * len(paths), chunksize=64)
+            for i, image in enumerate(decoded):
+                out[i] = image
+    else:
+        for i, path in enumerate(paths):
+            out[i] = _decode(path, size)
     log.info("decoded %d images at %d px", len(paths), size)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

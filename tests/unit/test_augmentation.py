@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from monai_bundle.scripts.transforms import IMAGENET_MEAN, IMAGENET_STD, load_rgb, preprocess_rgb
 from tests.conftest import REPO_ROOT
-from training.images import Augmenter, normalised, with_hair, with_ruler
+from training.images import Augmenter, decoded_images, normalised, with_hair, with_ruler
 
 
 def _uint8_samples() -> torch.Tensor:
@@ -67,3 +69,12 @@ def test_hair_strands_are_darker_than_the_skin_they_cross() -> None:
     before, after = _rgb(batch[0]), _rgb(with_hair(batch)[0])
     changed = np.abs(after - before).max(axis=2) > 0.05
     assert (after[changed].mean(axis=1) < before[changed].mean(axis=1)).mean() > 0.95
+
+
+def test_images_decoded_in_several_processes_are_those_decoded_in_one(tmp_path: Path) -> None:
+    paths = [str(p) for p in sorted((REPO_ROOT / "tests" / "data").glob("ISIC_*.jpg"))] * 3
+    one = decoded_images(paths, 64, None)
+    several = decoded_images(paths, 64, tmp_path, workers=2)
+    assert one.shape == (len(paths), 3, 64, 64) and torch.equal(one, several)
+    assert len(list(tmp_path.glob("images-64-*.npy"))) == 1  # the cache the trainers read
+    assert torch.equal(decoded_images(paths, 64, tmp_path), one)
