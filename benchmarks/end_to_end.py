@@ -167,30 +167,39 @@ def report_outbox(args: argparse.Namespace, baseline: float, on_onnx: float) -> 
         "outbox p50 / scoring alone on onnxruntime": percentile(latencies, 50) / on_onnx,
         "burst throughput x scoring alone on onnxruntime": per_minute / 60 * on_onnx,
     }
-    print(
-        f"\n{args.studies} studies one at a time, {args.studies} in a burst, results to the "
-        f"outbox (no PACS, no FHIR), stable_seconds {args.stable}\n"
+    heading = (
+        f"{args.studies} studies one at a time, {args.studies} in a burst, results to the "
+        f"outbox (no PACS, no FHIR), stable_seconds {args.stable}"
     )
+    return write_table(
+        args, heading, rows, ratios, {"mode": "outbox", "outbox_latency_s": latencies}, burst_s
+    )
+
+
+def write_table(
+    args: argparse.Namespace,
+    heading: str,
+    rows: dict[str, float],
+    ratios: dict[str, float],
+    samples: dict[str, object],
+    burst_s: float,
+) -> int:
+    """Print the Markdown table and write the JSON (``samples``: the raw latencies)."""
+    print(f"\n{heading}\n")
     print("| measure | value |\n| --- | --- |")
     for name, value in {**rows, **ratios}.items():
         print(f"| {name} | {value:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "mode": "outbox",
-                "studies": args.studies,
-                "stable_seconds": args.stable,
-                "baseline_torch_threads": 1,
-                "outbox_latency_s": latencies,
-                "burst_s": burst_s,
-                "results": rows,
-                "ratios": ratios,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {
+        "studies": args.studies,
+        "stable_seconds": args.stable,
+        "baseline_torch_threads": 1,
+        **samples,
+        "burst_s": burst_s,
+        "results": rows,
+        "ratios": ratios,
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
 
@@ -299,32 +308,12 @@ def main() -> int:
         "DiagnosticReport p50 / scoring alone": percentile(dr_lat, 50) / baseline,
         "burst throughput x scoring alone on onnxruntime": per_minute / 60 * on_onnx,
     }
-    print(
-        f"\n{args.studies} studies one at a time, {len(burst)} in a burst, "
-        f"stable_seconds {args.stable}\n"
+    heading = (
+        f"{args.studies} studies one at a time, {len(burst)} in a burst, "
+        f"stable_seconds {args.stable}"
     )
-    print("| measure | value |\n| --- | --- |")
-    for name, value in {**rows, **ratios}.items():
-        print(f"| {name} | {value:.2f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "studies": args.studies,
-                "stable_seconds": args.stable,
-                "baseline_torch_threads": 1,
-                "sr_latency_s": sr_lat,
-                "report_latency_s": dr_lat,
-                "burst_s": burst_s,
-                "results": rows,
-                "ratios": ratios,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"\nwrote {args.out}")
-    return 0
+    samples = {"sr_latency_s": sr_lat, "report_latency_s": dr_lat}
+    return write_table(args, heading, rows, ratios, samples, burst_s)
 
 
 if __name__ == "__main__":

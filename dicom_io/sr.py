@@ -74,6 +74,8 @@ PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
 VISUAL_EXPLANATION = Code("130401", "DCM", "Visual explanation")
 SERIES_NUMBER = 9901
 MANUFACTURER = "dermfusion"
+
+
 def sr_instance_uid(source: ImageRef, model: ModelIdentity) -> str:
     """Same source image and model version → same SR SOP Instance UID (so resends overwrite)."""
     return derived_uid("sr", source.sop_instance_uid, model.name, model.version)

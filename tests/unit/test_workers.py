@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,10 +101,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_the_service_reports_a_dead_scoring_thread_and_restarts_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The real service wiring, with a stand-in for the model (its weights are not needed)."""
+def _service_without_a_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The real service wiring, not started, with a stand-in for the model."""
     from plugin import service as service_module
     from plugin.model import FusionModel
 
@@ -113,7 +112,14 @@ def test_the_service_reports_a_dead_scoring_thread_and_restarts_it(
         f'[listener]\nport = {_free_port()}\nbind_address = "127.0.0.1"\n'
         f'[storage]\ndir = "{tmp_path / "var"}"\n'
     )
-    service = service_module.DermfusionService(load_settings(config))
+    return service_module.DermfusionService(load_settings(config))
+
+
+def test_the_service_reports_a_dead_scoring_thread_and_restarts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real service wiring, with a stand-in for the model (its weights are not needed)."""
+    service = _service_without_a_model(tmp_path, monkeypatch)
     assert not service.healthy()
     dies = DiesOnce()
     service.scorer.score_ready = dies  # type: ignore[method-assign]
@@ -181,16 +187,7 @@ def test_the_service_wakes_its_scorer_on_release_and_its_delivery_after_scoring(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The wiring: the listener's sink rings the scorer, the scorer rings the delivery worker."""
-    from plugin import service as service_module
-    from plugin.model import FusionModel
-
-    monkeypatch.setattr(FusionModel, "load", classmethod(lambda cls, d, **how: object()))
-    config = tmp_path / "dermfusion.toml"
-    config.write_text(
-        f'[listener]\nport = {_free_port()}\nbind_address = "127.0.0.1"\n'
-        f'[storage]\ndir = "{tmp_path / "var"}"\n'
-    )
-    service = service_module.DermfusionService(load_settings(config))
+    service = _service_without_a_model(tmp_path, monkeypatch)
     sink = service.listener._sink
     assert not service._study_released.is_set()
     sink.association_closed("no-such-association")
