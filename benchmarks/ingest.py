@@ -1,6 +1,6 @@
 """Ingest rate over one association: the same N one-image dermoscopy studies (made once into a
 temp folder from tests/data/ISIC_*.jpg) sent by the same client, DCMTK ``storescu -R -xy`` with
-TCP_NODELAY=1, to four Storage SCPs in turn:
+TCP_NODELAY=1, to five Storage SCPs in turn:
 
 - ``dermfusion serve``, embedded defaults, temp storage dir (every acknowledged instance
   fsync'd and in the state database); no scoring competes: a study is ready only once the
@@ -8,6 +8,8 @@ TCP_NODELAY=1, to four Storage SCPs in turn:
   anything else), and the service is killed right after;
 - pynetdicom's bare storage SCP: an AE with the same storage contexts whose handler only writes
   the received bytes to a file (no fsync), served from a thread of this process;
+- pynetdicom's own ``storescp`` app (``python -m pynetdicom storescp``: it decodes each data set
+  and writes it again, no fsync), the reference issue 21 quotes;
 - Orthanc (``StableAge`` 3600, so its auto-routing stays idle);
 - DCMTK ``storescp +xa`` (no fsync).
 
@@ -18,13 +20,13 @@ Orthanc binds every interface, so run it in a private network namespace:
 
 With ``--associations A`` the files are split between A storescu processes sending at once
 (the time: until the last is done; storescp then forks a process per association), which is
-where dermfusion's group commit shows. With ``--repeat R`` the four are measured R times, in
+where dermfusion's group commit shows. With ``--repeat R`` the five are measured R times, in
 turn (so a burst of load elsewhere on the machine hits them alike), and each one's median is
 reported. On a shared machine a flush (what only dermfusion pays) takes from a fraction of a
 millisecond to several: repeat, and compare ratios from the same run only.
 
-Prints a Markdown table (inst/s and the ratio to pynetdicom's bare SCP, the baseline measured in
-the same run) and writes var/benchmarks/ingest.json.
+Prints a Markdown table (inst/s and the ratios to pynetdicom's bare SCP and to its storescp app,
+both measured in the same run) and writes var/benchmarks/ingest.json.
 """
 
 from __future__ import annotations
@@ -100,6 +102,24 @@ def dcmtk_storescp(folder: Path, port: int, fork: bool) -> Iterator[None]:
         process.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def pynetdicom_storescp(folder: Path, port: int) -> Iterator[None]:
+    """pynetdicom's storescp app, as shipped (its default contexts and logging)."""
+    folder.mkdir(parents=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pynetdicom", "storescp", "-aet", "PYSTORESCP"]
+        + ["-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(3.0)  # it imports pydicom and pynetdicom before it binds
+    try:
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def send(called_ae: str, port: int, files: list[Path], associations: int = 1) -> float:
     """Seconds storescu takes to send ``files``: over one association, or split between
     ``associations`` storescu processes at once (until the last one is done); raises on any
@@ -126,7 +146,7 @@ def send(called_ae: str, port: int, files: list[Path], associations: int = 1) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=1, help="rounds over the four SCPs")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over the five SCPs")
     parser.add_argument(
         "--associations", type=int, default=1, help="storescu processes sending at once"
     )
@@ -156,6 +176,12 @@ def main() -> int:
                 yield "BARE", port
 
         @contextlib.contextmanager
+        def pynetdicom_app() -> Iterator[tuple[str, int]]:
+            port = free_port()
+            with pynetdicom_storescp(work / "pystorescp", port):
+                yield "PYSTORESCP", port
+
+        @contextlib.contextmanager
         def orthanc() -> Iterator[tuple[str, int]]:
             ports = free_port(), free_port(), free_port()
             with running_orthanc(
@@ -176,6 +202,7 @@ def main() -> int:
         targets: dict[str, Callable[[], contextlib.AbstractContextManager[tuple[str, int]]]] = {
             "dermfusion serve (fsync + SQLite, scoring held off)": dermfusion,
             "pynetdicom bare SCP (write only, no fsync)": bare,
+            "pynetdicom storescp app (decode + write, no fsync)": pynetdicom_app,
             "Orthanc": orthanc,
             "DCMTK storescp (no fsync)": storescp,
         }
@@ -185,16 +212,18 @@ def main() -> int:
                     rate = len(files) / send(ae_title, port, files, args.associations)
                 runs.setdefault(name, []).append(rate)
                 print(f"round {round_ + 1}: {name}: {rate:.0f} inst/s", flush=True)
-                for folder in ("dermfusion", "bare", "orthanc", "storescp"):
+                for folder in ("dermfusion", "bare", "pystorescp", "orthanc", "storescp"):
                     shutil.rmtree(work / folder, ignore_errors=True)  # made anew next round
     rates = {name: statistics.median(values) for name, values in runs.items()}
     baseline = rates["pynetdicom bare SCP (write only, no fsync)"]
+    app = rates["pynetdicom storescp app (decode + write, no fsync)"]
     what = f"median of {args.repeat} runs" if args.repeat > 1 else "one run"
     over = "one association" if args.associations == 1 else f"{args.associations} at once"
     print(f"\n{len(files)} instances of {size / 1024:.1f} KiB on average, {over}, {what}\n")
-    print("| Storage SCP | inst/s | ratio to pynetdicom bare SCP |\n| --- | --- | --- |")
+    print("| Storage SCP | inst/s | ratio to pynetdicom bare SCP | ratio to its storescp app |")
+    print("| --- | --- | --- | --- |")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.0f} | {rate / baseline:.2f} |")
+        print(f"| {name} | {rate:.0f} | {rate / baseline:.2f} | {rate / app:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

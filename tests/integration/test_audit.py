@@ -106,7 +106,8 @@ def test_associations_and_refusals_reach_the_file_and_the_collector_even_one_tha
                 "the second study's record in the file",
             )
             outgoing = audit_file.parent / "outgoing"
-            assert any(outgoing.iterdir()), "the record waits in the spool"
+            # the file line is written first, then the spool copy: wait for that, not the line
+            eventually(lambda: any(outgoing.iterdir()), 10, "the record waiting in the spool")
             assert not any(_stored(x, second) is not None for x in _xml(collector.messages))
 
             later = Collector(syslog_port)  # back: what it missed arrives
