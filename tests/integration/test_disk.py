@@ -18,8 +18,11 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pynetdicom import AE
+from pynetdicom.association import Association
 
 from dicom_io.encapsulate import dermoscopy_dataset, write_dataset
+from dicom_io.images import SopClass
 from plugin.domain import SiteCode
 from tests.conftest import SAMPLES, require_tool
 from tests.integration.dermfusion_process import DermfusionProcess, eventually, running_dermfusion
@@ -32,9 +35,10 @@ def _mount_namespaces() -> bool:
     return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
-def _study(folder: Path, name: str) -> tuple[str, Path]:
-    """A one-image study from a shipped sample JPEG, fresh UIDs."""
-    study_uid = generate_uid()
+def _study(folder: Path, name: str, study_uid: str | None = None) -> tuple[str, Path]:
+    """A one-image study from a shipped sample JPEG, fresh UIDs (or another image of
+    ``study_uid``)."""
+    study_uid = study_uid or generate_uid()
     jpeg = sorted(SAMPLES.glob("ISIC_*.jpg"))[0]
     ds = dermoscopy_dataset(
         jpeg,
@@ -48,6 +52,15 @@ def _study(folder: Path, name: str) -> tuple[str, Path]:
         study_uid=study_uid,
     )
     return study_uid, write_dataset(ds, folder / f"{name}.dcm")
+
+
+def _associate(service: DermfusionProcess) -> Association:
+    """An association held open by the test (storescu releases at once)."""
+    ae = AE(ae_title="DISKTEST")
+    ae.add_requested_context(SopClass.DERMOSCOPIC_PHOTOGRAPHY, JPEGBaseline8Bit)
+    association = ae.associate("127.0.0.1", service.port, ae_title=service.ae_title)
+    assert association.is_established
+    return association
 
 
 def _storescu(service: DermfusionProcess, path: Path) -> subprocess.CompletedProcess[str]:
@@ -126,9 +139,16 @@ def test_a_nearly_full_disk_refuses_and_a_full_one_loses_nothing(tmp_path: Path)
         service.wait_for_log("below storage.min_free_mb (8)")
         filler.unlink()
 
-        # accepted, then the disk fills up before it is scored: postponed, not counted
+        # accepted, then the disk fills up before it is scored: postponed, not counted. A study
+        # over one association is scored the moment it is released, so this one comes over
+        # two that overlap: once both are released it waits stable_seconds (3 s) to be scored,
+        # and the volume is filled meanwhile.
         late_uid, late = _study(tmp_path, "late")
-        assert _storescu(service, late).returncode == 0
+        _, late_second = _study(tmp_path, "late-2", study_uid=late_uid)
+        held = _associate(service)
+        assert held.send_c_store(pydicom.dcmread(late)).Status == 0
+        assert _storescu(service, late_second).returncode == 0
+        held.release()
         filler = _fill(volume, leave_bytes=0)
         service.wait_for_log(f"study={late_uid}: not scored, retry in", timeout=30)
         assert service.process is not None and service.process.poll() is None
@@ -141,11 +161,11 @@ def test_a_nearly_full_disk_refuses_and_a_full_one_loses_nothing(tmp_path: Path)
         assert _storescu(service, after).returncode == 0
         eventually(lambda: _srs(outbox, after_uid), 60, "the SR of a study sent afterwards")
 
-        for study_uid in (first_uid, late_uid, after_uid):
-            assert len(_srs(outbox, study_uid)) == 1
+        for study_uid, images in ((first_uid, 1), (late_uid, 2), (after_uid, 1)):
+            assert len(_srs(outbox, study_uid)) == images
         assert _srs(outbox, refused_uid) == []  # never acknowledged: the sender still has it
         log = service.log_text()
-        assert log.count(f"study={late_uid}: scored 1 image(s)") == 1
+        assert log.count(f"study={late_uid}: scored 2 image(s)") == 1
         assert "thread died" not in log and "Traceback" not in log
         assert "parked after" not in log
 
