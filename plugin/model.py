@@ -19,7 +19,7 @@ from torch import nn
 
 from dicom_io.spool import private_directory, write_bytes_durably
 from monai_bundle.scripts.metadata import FIELD_SLOTS, METADATA_WIDTH, encode_metadata
-from monai_bundle.scripts.network import FusionNet, load_bundle_network
+from monai_bundle.scripts.network import ScoringNetwork, load_bundle_network
 from monai_bundle.scripts.saliency import saliency_from_feature_map, saliency_map
 from monai_bundle.scripts.transforms import IMAGE_SIZE, preprocess_rgb
 from plugin.domain import Demographics, Finding, ModelIdentity
@@ -77,7 +77,7 @@ class OnnxImageBranch:
 
     @classmethod
     def export(
-        cls, network: FusionNet, key: str, cache_dir: Path | None, threads: int
+        cls, network: ScoringNetwork, key: str, cache_dir: Path | None, threads: int
     ) -> OnnxImageBranch:
         import onnxruntime
 
@@ -102,7 +102,7 @@ class OnnxImageBranch:
 
 
 class _ScoringViews(nn.Module):
-    def __init__(self, network: FusionNet) -> None:
+    def __init__(self, network: ScoringNetwork) -> None:
         super().__init__()
         self.network = network
 
@@ -110,7 +110,7 @@ class _ScoringViews(nn.Module):
         return self.network.scoring_features_and_map(image)
 
 
-def _exported(network: FusionNet) -> bytes:
+def _exported(network: ScoringNetwork) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and folding notes
@@ -131,7 +131,7 @@ def _exported(network: FusionNet) -> bytes:
 class FusionModel:
     """Scores images with their demographics; one instance per process (weights load once)."""
 
-    network: FusionNet
+    network: ScoringNetwork
     identity: ModelIdentity
     threshold: float
     image_branch: ImageBranch | None = None  # None: the network's own, in torch

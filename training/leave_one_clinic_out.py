@@ -2,8 +2,9 @@
 
 The lesion- and patient-disjoint validation still shares cameras, framing and case mix with the
 training images; a new hospital shares none of them. Each fold trains the shipped recipe
-(``configs/train.json``; fewer epochs, said in the output) on every clinic but one and scores
-the one left out, with and without metadata, AUC with a bootstrap interval. Not a gate for
+(``configs/train.json``; fewer epochs, said in the output; of an ensemble, the first member)
+on every clinic but one and scores the one left out, with and without metadata, AUC with a
+bootstrap interval. Not a gate for
 candidates: a check of the final recipe.
 
     python -m training.leave_one_clinic_out --epochs 2 --clinics isic2020 rosendahl
@@ -59,7 +60,9 @@ def run_fold(
 ) -> dict[str, Any]:
     """One fold; ``overrides``: recipe fields of a candidate; ``smoke``:
     ``max_images``/``max_steps`` for a quick check (tests)."""
-    recipe = replace(shipped_recipe(), epochs=epochs, **(overrides or {}))
+    # one network per fold: an ensemble's members are trained alike, so a fold of its first
+    # member says how the recipe carries to a new clinic at 1/k of the cost
+    recipe = replace(shipped_recipe(), epochs=epochs, further_member_seeds=[], **(overrides or {}))
     trainer = WholeNetworkTrainer(
         recipe,
         data_root=data_root,

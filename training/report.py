@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from monai_bundle.scripts.metadata import FIELD_SLOTS, encode_missing
-from monai_bundle.scripts.network import FusionNet, load_bundle_network
+from monai_bundle.scripts.network import ScoringNetwork, load_bundle_network
 from training.data import (
     SOURCES,
     encode_frame,
@@ -100,7 +100,10 @@ class EvaluationReport:
         self.output_dir = Path(output_dir)
         trained = json.loads((self.bundle_root / "models" / "validation_metrics.json").read_text())
         recipe = trained["recipe"]
-        self.seed = int(recipe["seed"])
+        # the validation split's seed (an ensemble's members all share its first's split)
+        self.seed = int(
+            recipe["seed"] if recipe.get("split_seed") is None else recipe["split_seed"]
+        )
         self.val_fraction = float(recipe["val_fraction"])
         self.include_archive = bool(recipe["include_archive"])
 
@@ -176,7 +179,7 @@ class EvaluationReport:
 
     @torch.inference_mode()
     def _scoring_features(
-        self, network: FusionNet, images: torch.Tensor, batch_size: int = 64
+        self, network: ScoringNetwork, images: torch.Tensor, batch_size: int = 64
     ) -> torch.Tensor:
         """Image features averaged over the test-time views, exactly as scoring computes them."""
         out = []
@@ -188,7 +191,7 @@ class EvaluationReport:
     @torch.inference_mode()
     def _robustness(
         self,
-        network: FusionNet,
+        network: ScoringNetwork,
         images: torch.Tensor,
         encoded: torch.Tensor,
         labels: np.ndarray,
@@ -216,7 +219,7 @@ class EvaluationReport:
 
     @torch.inference_mode()
     def _network_probabilities(
-        self, network: FusionNet, features: torch.Tensor, encoded: torch.Tensor
+        self, network: ScoringNetwork, features: torch.Tensor, encoded: torch.Tensor
     ) -> dict[str, np.ndarray]:
         without = torch.from_numpy(encode_missing(len(encoded)))
         return {
@@ -227,7 +230,7 @@ class EvaluationReport:
     @torch.inference_mode()
     def _permutation_importance(
         self,
-        network: FusionNet,
+        network: ScoringNetwork,
         features: torch.Tensor,
         encoded: torch.Tensor,
         labels: np.ndarray,

@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from monai_bundle.scripts.metadata import drop_fields, encode_missing
-from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.network import FusionEnsemble, FusionNet, ScoringNetwork
 from training.data import (
     SOURCES,
     Cases,
@@ -60,6 +60,9 @@ class Recipe:
     """Everything that decides the weights besides the data (written beside them)."""
 
     seed: int = 20261130
+    # the validation split's own seed (None: ``seed``), so runs that differ only in their
+    # training seed validate on the same patients and can be compared or averaged
+    split_seed: int | None = None
     epochs: int = 10
     batch_size: int = 32
     image_size: int = 224
@@ -76,6 +79,13 @@ class Recipe:
     network: dict[str, Any] = field(
         default_factory=lambda: {"test_time_views": ["identity", "hflip", "vflip", "rot90"]}
     )
+    # training seeds of further members (a FusionEnsemble): each trained like the first, on the
+    # first one's split; empty: one network
+    further_member_seeds: list[int] = field(default_factory=list)
+
+    @property
+    def drawn_split_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 def clinic_prevalence_weights(
@@ -130,7 +140,7 @@ class WholeNetworkTrainer:
         frame = load_cases(self.data_root, self.recipe.include_archive).frame
         if self.max_images is not None and self.max_images < len(frame):
             # a smoke run: both classes of every source, in a fixed draw
-            rng = np.random.default_rng(self.recipe.seed)
+            rng = np.random.default_rng(self.recipe.drawn_split_seed)  # members: one subset
             per = max(2, self.max_images // (2 * frame.source.nunique()))
             keep = []
             for (_, _), rows in frame.groupby(["source", "label"]):
@@ -139,22 +149,30 @@ class WholeNetworkTrainer:
         return frame
 
     # ---- the run --------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        recipe = self.recipe
-        torch.manual_seed(recipe.seed)
-        frame = self._cases()
-        cases = Cases(frame)
+    def _validation_rows(self, frame: pd.DataFrame) -> np.ndarray:
         if self.held_out_clinic is not None:
             is_val = (frame.clinic == self.held_out_clinic).to_numpy()
             if not is_val.any():
                 raise ValueError(f"no images of clinic {self.held_out_clinic!r}")
         else:
-            is_val = np.array(split_by_group(cases, recipe.val_fraction, recipe.seed))
+            recipe = self.recipe
+            is_val = np.array(
+                split_by_group(Cases(frame), recipe.val_fraction, recipe.drawn_split_seed)
+            )
             if not is_val.any():
                 raise ValueError(
                     f"{len(frame)} images leave no validation split: a smoke run needs "
                     "--max-images 48 or more"
                 )
+        return is_val
+
+    def run(self) -> dict[str, Any]:
+        if self.recipe.further_member_seeds:
+            return self._run_ensemble()
+        recipe = self.recipe
+        torch.manual_seed(recipe.seed)
+        frame = self._cases()
+        is_val = self._validation_rows(frame)
         labels = frame.label.to_numpy()
         log.info(
             "training on %d images (%d melanoma), validating on %d (%d melanoma), device %s",
@@ -305,10 +323,64 @@ class WholeNetworkTrainer:
         self._save(network, report)
         return report
 
+    def _run_ensemble(self) -> dict[str, Any]:
+        """Train (or reuse) each member on the same split, then calibrate and validate their
+        average like one network."""
+        recipe = self.recipe
+        members: list[WholeNetworkTrainer] = []
+        reports = []
+        for seed in [recipe.seed, *recipe.further_member_seeds]:
+            member = WholeNetworkTrainer(
+                replace(
+                    recipe, seed=seed, split_seed=recipe.drawn_split_seed, further_member_seeds=[]
+                ),
+                self.data_root,
+                str(self.output_dir / "members" / f"seed-{seed}"),
+                self.cache_dir,
+                str(self.device),
+                self.max_images,
+                self.max_steps,
+                self.held_out_clinic,
+            )
+            reports.append(member.trained_report() or member.run())
+            members.append(member)
+        ensemble = FusionEnsemble(len(members), **recipe.network)
+        for network, member in zip(ensemble.members, members, strict=True):
+            weights = member.output_dir / "model.pt"
+            network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        ensemble.to(self.device, memory_format=torch.channels_last).eval()
+        frame = self._cases()
+        is_val = self._validation_rows(frame)
+        images = decoded_images(list(frame.image), recipe.image_size, self.cache_dir)
+        metadata = torch.from_numpy(encode_frame(frame))
+        finish_started = time.monotonic()
+        report = self.finish(ensemble, frame, is_val, images, metadata)
+        report["members"] = reports
+        report["training_seconds"] = round(sum(r["training_seconds"] for r in reports), 1)
+        report["finish_seconds"] = round(time.monotonic() - finish_started, 1)
+        report["device"] = str(self.device)
+        report["recipe"] = asdict(recipe)
+        if self.held_out_clinic is not None:
+            report["held_out_clinic"] = self.held_out_clinic
+        self._save(ensemble, report)
+        return report
+
+    def trained_report(self) -> dict[str, Any] | None:
+        """This run's report if its weights are already in ``output_dir`` under the same recipe
+        (an ensemble member trained before), else None."""
+        metrics = self.output_dir / "validation_metrics.json"
+        if not (self.output_dir / "model.pt").is_file() or not metrics.is_file():
+            return None
+        report = json.loads(metrics.read_text())
+        if report.get("recipe") != asdict(self.recipe):
+            return None
+        log.info("member seed %d: trained before, reusing %s", self.recipe.seed, self.output_dir)
+        return report
+
     @torch.inference_mode()
     def logits(
         self,
-        network: FusionNet,
+        network: ScoringNetwork,
         images: torch.Tensor,
         metadata_sets: list[torch.Tensor],
         test_time_views: bool,
@@ -333,7 +405,7 @@ class WholeNetworkTrainer:
 
     def finish(
         self,
-        network: FusionNet,
+        network: ScoringNetwork,
         frame: pd.DataFrame,
         is_val: np.ndarray,
         images: torch.Tensor,
@@ -392,7 +464,7 @@ class WholeNetworkTrainer:
         return report
 
     def _calibrate(
-        self, network: FusionNet, val: pd.DataFrame, raw: dict[str, np.ndarray]
+        self, network: ScoringNetwork, val: pd.DataFrame, raw: dict[str, np.ndarray]
     ) -> dict[str, Any]:
         """One Platt scale for cases with and without metadata, on ISIC 2020 validation cases
         reweighted to the table's 2% prevalence (the population the service meets)."""
@@ -437,7 +509,7 @@ class WholeNetworkTrainer:
             },
         }
 
-    def _save(self, network: FusionNet, report: dict[str, Any]) -> None:
+    def _save(self, network: ScoringNetwork, report: dict[str, Any]) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(network.cpu().state_dict(), self.output_dir / "model.pt")
         (self.output_dir / "operating_point.json").write_text(

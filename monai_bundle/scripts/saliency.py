@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from monai_bundle.scripts.metadata import METADATA_WIDTH
-from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.network import ScoringNetwork
 from monai_bundle.scripts.transforms import IMAGE_SIZE
 
 # Weight of the colour map at saliency 1 in ``overlay_rgb``; it falls linearly to 0 at saliency 0.
@@ -36,7 +36,9 @@ def _check_inputs(image: torch.Tensor, metadata: torch.Tensor) -> None:
         )
 
 
-def saliency_map(network: FusionNet, image: torch.Tensor, metadata: torch.Tensor) -> np.ndarray:
+def saliency_map(
+    network: ScoringNetwork, image: torch.Tensor, metadata: torch.Tensor
+) -> np.ndarray:
     """Grad-CAM of the melanoma logit as a 224x224 float32 map in [0, 1] (1 = most salient).
 
     ``image`` is one ``preprocess_rgb`` output, ``metadata`` one ``encode_metadata`` vector.
@@ -55,7 +57,7 @@ def saliency_map(network: FusionNet, image: torch.Tensor, metadata: torch.Tensor
 
 
 def saliency_from_feature_map(
-    network: FusionNet, feature_map: torch.Tensor, metadata: torch.Tensor
+    network: ScoringNetwork, feature_map: torch.Tensor, metadata: torch.Tensor
 ) -> np.ndarray:
     """``saliency_map`` from the image's last feature map (C x h x w) as scoring computed it
     (``FusionNet.scoring_features_and_map``): only the head is run again, with autograd."""

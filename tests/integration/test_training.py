@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from monai_bundle.scripts.network import FusionNet
+from monai_bundle.scripts.network import FusionEnsemble, FusionNet
 from monai_bundle.scripts.transforms import load_rgb
 from plugin.cli import main
 from plugin.domain import Demographics, Source, Sourced
@@ -21,12 +21,15 @@ pytestmark = pytest.mark.integration
 BUNDLE = REPO_ROOT / "monai_bundle"
 
 
-def _smoke_train(tmp_path: Path, shared_data: Path, name: str) -> Path:
+def _smoke_train(
+    tmp_path: Path, shared_data: Path, name: str, further_member_seeds: list[int] | None = None
+) -> Path:
     config = tmp_path / "smoke.toml"
     config.write_text(f'[storage]\ndir = "{tmp_path / "var"}"\n')
     out = tmp_path / name
     args = ["--config", str(config), "train", "--data-root", str(shared_data), "--device", "cpu"]
     args += ["--max-images", "48", "--max-steps", "3", "--output-dir", str(out)]
+    args += ["--set", f"further_member_seeds={json.dumps(further_member_seeds or [])}"]
     assert main(args) == 0
     return out
 
@@ -44,7 +47,8 @@ def test_smoke_training_trains_every_block_and_is_reproducible_from_its_seed(
     for name in ("backbone._conv_stem.weight", "backbone._blocks.0._depthwise_conv.weight"):
         assert not torch.equal(first[name], imagenet[name]), name
     shipped = torch.load(BUNDLE / "models" / "model.pt", weights_only=True)
-    assert not torch.equal(first["classifier.4.weight"], shipped["classifier.4.weight"])
+    heads = [v for k, v in shipped.items() if k.endswith("classifier.4.weight")]  # per member
+    assert heads and not any(torch.equal(first["classifier.4.weight"], h) for h in heads)
     # what a run leaves: a checkpoint per epoch, the per-epoch log, the recipe and the device
     assert (first_dir / "checkpoints" / "epoch-01.pt").is_file()
     log = [
@@ -61,6 +65,36 @@ def test_smoke_training_trains_every_block_and_is_reproducible_from_its_seed(
     metrics = json.loads((first_dir / "validation_metrics.json").read_text())
     assert metrics["device"] == "cpu" and metrics["recipe"]["include_archive"] is True
     assert 0 < metrics["threshold"] < 1
+
+
+def test_an_ensemble_trains_its_members_on_one_split_and_reuses_them(
+    tmp_path: Path, shared_data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = _smoke_train(tmp_path, shared_data, "ensemble", further_member_seeds=[7])
+    first, second = (out / "members" / name for name in ("seed-20261130", "seed-7"))
+    reports = [json.loads((m / "validation_metrics.json").read_text()) for m in (first, second)]
+    # the same validation rows, different training draws
+    assert reports[0]["n_validation"] == reports[1]["n_validation"]
+    assert [r["recipe"]["split_seed"] for r in reports] == [20261130, 20261130]
+    weights = [torch.load(m / "model.pt", weights_only=True) for m in (first, second)]
+    assert not torch.equal(weights[0]["classifier.4.weight"], weights[1]["classifier.4.weight"])
+    ensemble = FusionEnsemble(2, test_time_views=["identity", "hflip", "vflip", "rot90"])
+    ensemble.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    for member, trained in zip(ensemble.members, weights, strict=True):
+        assert all(torch.equal(member.state_dict()[k], trained[k]) for k in trained)
+    metrics = json.loads((out / "validation_metrics.json").read_text())
+    assert metrics["recipe"]["further_member_seeds"] == [7]
+    assert [m["recipe"]["seed"] for m in metrics["members"]] == [20261130, 7]
+    assert metrics["calibration"]["scale"] == pytest.approx(float(ensemble.calibration[0]))
+    assert metrics["n_validation"] == reports[0]["n_validation"]
+    # a second run reuses both members (no training) and assembles the same ensemble
+    before = [(m / "model.pt").stat().st_mtime_ns for m in (first, second)]
+    with caplog.at_level("INFO", logger="training.whole_network"):
+        _smoke_train(tmp_path, shared_data, "ensemble", further_member_seeds=[7])
+    assert [(m / "model.pt").stat().st_mtime_ns for m in (first, second)] == before
+    assert sum("trained before, reusing" in r.getMessage() for r in caplog.records) == 2
+    again = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(again[k], v) for k, v in ensemble.state_dict().items())
 
 
 def test_every_diagnosis_of_the_real_tables_has_a_name_and_agrees_with_the_label(

@@ -80,7 +80,12 @@ def test_inference_builds_the_network_that_training_trains() -> None:
     self-contained); weights trained with one set and loaded into another would be wrong."""
     inference = json.loads((BUNDLE / "configs" / "inference.json").read_text())["network_def"]
     train = json.loads((BUNDLE / "configs" / "train.json").read_text())
-    assert inference.pop("_target_") == "monai_bundle.scripts.network.FusionNet"
+    members = 1 + len(train["recipe"].get("further_member_seeds", []))
+    if members == 1:
+        assert inference.pop("_target_") == "monai_bundle.scripts.network.FusionNet"
+    else:
+        assert inference.pop("_target_") == "monai_bundle.scripts.network.FusionEnsemble"
+        assert inference.pop("members") == members
     assert inference == train["recipe"]["network"]
     trained = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())["recipe"]
     assert {k: v for k, v in train["recipe"].items() if k != "_target_"} == trained

@@ -1,4 +1,5 @@
-"""FusionNet: field of view, colour constancy, test-time views, metadata prior, calibration."""
+"""FusionNet: field of view, colour constancy, test-time views, metadata prior, calibration;
+FusionEnsemble: the members' average behind FusionNet's scoring interface."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from monai_bundle.scripts.network import (
     IMAGE_FEATURES,
     VIEWS,
     FieldOfView,
+    FusionEnsemble,
     FusionNet,
     ShadesOfGray,
 )
@@ -131,3 +133,47 @@ def test_calibration_is_a_stored_affine_map_of_the_logit() -> None:
     restored = FusionNet()
     restored.load_state_dict(network.state_dict())
     assert restored.calibration.tolist() == [0.5, -2.0]
+
+
+def _ensemble_of_distinct_members() -> FusionEnsemble:
+    """Two members that differ (each its own random head and calibration)."""
+    torch.manual_seed(0)
+    ensemble = FusionEnsemble(2, test_time_views=("identity", "hflip")).eval()
+    for k, member in enumerate(ensemble.members):
+        with torch.no_grad():
+            for parameter in member.parameters():
+                parameter.add_(0.05 * (k + 1) * torch.randn_like(parameter))
+        member.set_calibration(1.0 + k, -0.5 * k)
+    return ensemble
+
+
+def test_an_ensemble_scores_the_calibrated_average_of_its_members() -> None:
+    ensemble = _ensemble_of_distinct_members()
+    images = _samples()
+    metadata = torch.from_numpy(np.stack([encode_metadata(55, "female", "torso")] * 2))
+    with torch.no_grad():
+        each = [member(images, metadata) for member in ensemble.members]
+        assert not torch.allclose(each[0], each[1])
+        torch.testing.assert_close(ensemble(images, metadata), (each[0] + each[1]) / 2)
+        ensemble.set_calibration(0.5, 1.0)
+        torch.testing.assert_close(ensemble(images, metadata), 0.5 * (each[0] + each[1]) / 2 + 1.0)
+        # the scoring features and map are the members', side by side: what the ONNX branch
+        # returns and what Grad-CAM reads
+        features, feature_map = ensemble.scoring_features_and_map(images)
+        assert features.shape == (2, 2 * IMAGE_FEATURES)
+        assert feature_map is not None and feature_map.shape[1] == 2 * IMAGE_FEATURES
+        torch.testing.assert_close(
+            features[:, IMAGE_FEATURES:], ensemble.members[1].scoring_features(images)
+        )
+        torch.testing.assert_close(feature_map.mean(dim=(2, 3)), ensemble.image_features(images))
+    restored = FusionEnsemble(2, test_time_views=("identity", "hflip"))
+    restored.load_state_dict(ensemble.state_dict())
+    assert restored.calibration.tolist() == [0.5, 1.0]
+
+
+def test_an_ensemble_refuses_features_of_the_wrong_width_and_a_single_member() -> None:
+    ensemble = _ensemble_of_distinct_members()
+    with pytest.raises(ValueError, match="expected 2 x 1280"):
+        ensemble.head(torch.zeros(1, IMAGE_FEATURES), torch.from_numpy(encode_missing(1)))
+    with pytest.raises(ValueError, match="at least 2 members"):
+        FusionEnsemble(1)
