@@ -26,7 +26,8 @@ from dicom_io.demographics import demographics_from_dataset
 from dicom_io.images import read_image
 from monai_bundle.scripts.metadata import METADATA_WIDTH
 from monai_bundle.scripts.transforms import preprocess_rgb
-from plugin.model import FusionModel
+from plugin.config import ModelSettings
+from plugin.model import RUNTIMES, FusionModel
 from plugin.pipeline import ReportPipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,16 +47,22 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=ModelSettings.runtime,
+        help="where the image branch runs (default: the service's, [model] runtime)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = FusionModel.load(REPO / "monai_bundle")
+    model = FusionModel.load(REPO / "monai_bundle", runtime=args.runtime)
     pipeline = ReportPipeline(model, "urn:benchmark")
     with_capture = ReportPipeline(model, "urn:benchmark", capture_writer=SaliencyCaptureWriter())
     image = read_image(SAMPLE)
     demo = demographics_from_dataset(image.dataset)
     print(
         f"sample {SAMPLE.name} {image.rgb.shape}, torch threads {torch.get_num_threads()}, "
-        f"test-time views {len(model.network.test_time_views)}"
+        f"test-time views {len(model.network.test_time_views)}, image branch in {args.runtime}"
     )
     for batch in (1, 8):
         tensor = torch.stack([preprocess_rgb(image.rgb)] * batch).contiguous(
