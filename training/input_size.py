@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from monai_bundle.scripts.network import FusionEnsemble, FusionNet, ScoringNetwork
 from training.data import SOURCES, encode_frame, load_cases, split_by_group
 from training.images import decoded_images, normalised
+from training.whole_network import validation_split_seed
 
 
 @torch.inference_mode()
@@ -31,7 +32,7 @@ def auc_by_size(
     trained = json.loads((model_dir / "validation_metrics.json").read_text())
     recipe = trained["recipe"]
     cases = load_cases(data_root, recipe["include_archive"])
-    is_val = np.array(split_by_group(cases, recipe["val_fraction"], recipe["seed"]))
+    is_val = np.array(split_by_group(cases, recipe["val_fraction"], validation_split_seed(recipe)))
     val = cases.frame[is_val].reset_index(drop=True)
     further = recipe.get("further_member_seeds", [])
     network: ScoringNetwork = (

@@ -43,6 +43,7 @@ from training.evaluation import (
 )
 from training.images import decoded_images, normalised, with_hair, with_ruler
 from training.priors import isic_table
+from training.whole_network import validation_split_seed
 
 log = logging.getLogger(__name__)
 AGE_BANDS = ((0, 30, "<30"), (30, 50, "30-49"), (50, 70, "50-69"), (70, 200, "70+"))
@@ -100,10 +101,8 @@ class EvaluationReport:
         self.output_dir = Path(output_dir)
         trained = json.loads((self.bundle_root / "models" / "validation_metrics.json").read_text())
         recipe = trained["recipe"]
-        # the validation split's seed (an ensemble's members all share its first's split)
-        self.seed = int(
-            recipe["seed"] if recipe.get("split_seed") is None else recipe["split_seed"]
-        )
+        # an ensemble's members all share its first's split
+        self.seed = validation_split_seed(recipe)
         self.val_fraction = float(recipe["val_fraction"])
         self.include_archive = bool(recipe["include_archive"])
 

@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,14 @@ class Recipe:
 
     @property
     def drawn_split_seed(self) -> int:
-        return self.seed if self.split_seed is None else self.split_seed
+        return validation_split_seed(asdict(self))
+
+
+def validation_split_seed(recipe: Mapping[str, Any]) -> int:
+    """The seed a recipe (also one stored in validation_metrics.json) drew its validation split
+    with: its ``split_seed``, or its training ``seed`` where that is unset or predates the field."""
+    split = recipe.get("split_seed")
+    return int(recipe["seed"] if split is None else split)
 
 
 def clinic_prevalence_weights(

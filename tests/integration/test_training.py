@@ -16,6 +16,7 @@ from plugin.cli import main
 from plugin.domain import Demographics, Source, Sourced
 from tests.conftest import REPO_ROOT
 from training.data import DIAGNOSES, load_cases, split_by_group
+from training.whole_network import validation_split_seed
 
 pytestmark = pytest.mark.integration
 BUNDLE = REPO_ROOT / "monai_bundle"
@@ -117,7 +118,7 @@ def test_shipped_weights_reproduce_the_model_card_auc(shared_data: Path, fusion_
     metrics = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())
     recipe = metrics["recipe"]
     cases = load_cases(shared_data, recipe["include_archive"])
-    is_val = split_by_group(cases, recipe["val_fraction"], recipe["seed"])
+    is_val = split_by_group(cases, recipe["val_fraction"], validation_split_seed(recipe))
     val = cases.frame[is_val]
     assert len(val) == metrics["subsets"]["all"]["with_metadata"]["n"]
     probabilities: list[float] = []

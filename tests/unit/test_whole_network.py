@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 
-from training.whole_network import Recipe, WholeNetworkTrainer, _platt, clinic_prevalence_weights
+from training.whole_network import (
+    Recipe,
+    WholeNetworkTrainer,
+    _platt,
+    clinic_prevalence_weights,
+    validation_split_seed,
+)
 
 
 def test_weighting_gives_every_clinic_the_pooled_prevalence() -> None:
@@ -39,3 +47,14 @@ def test_platt_recovers_a_known_scale_and_shift() -> None:
     labels = (rng.random(20000) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))).astype(int)
     scale, shift = _platt(logits, labels, np.ones(len(labels)))
     assert scale == pytest.approx(0.5, abs=0.05) and shift == pytest.approx(-1.0, abs=0.08)
+
+
+def test_a_stored_recipe_names_the_split_its_own_split_seed_drew() -> None:
+    """An ensemble's second member trains with seed 20261201 on the split of seed 20261130:
+    whatever re-scores its validation split (evaluation report, input-size sweep, the shipped-AUC
+    test) must draw that split, not the training seed's."""
+    member = Recipe(seed=20261201, split_seed=20261130)
+    assert member.drawn_split_seed == 20261130
+    assert validation_split_seed(asdict(member)) == 20261130
+    assert validation_split_seed(asdict(Recipe(seed=7))) == 7  # split_seed unset
+    assert validation_split_seed({"seed": 7}) == 7  # stored before the field existed
