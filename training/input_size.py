@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from monai_bundle.scripts.network import FusionEnsemble, FusionNet, ScoringNetwork
 from training.data import SOURCES, encode_frame, load_cases, split_by_group
 from training.images import decoded_images, normalised
-from training.whole_network import validation_split_seed
+from training.whole_network import network_for, validation_split_seed
 
 
 @torch.inference_mode()
@@ -34,12 +33,7 @@ def auc_by_size(
     cases = load_cases(data_root, recipe["include_archive"])
     is_val = np.array(split_by_group(cases, recipe["val_fraction"], validation_split_seed(recipe)))
     val = cases.frame[is_val].reset_index(drop=True)
-    further = recipe.get("further_member_seeds", [])
-    network: ScoringNetwork = (
-        FusionEnsemble(1 + len(further), **recipe["network"])
-        if further
-        else FusionNet(**recipe["network"])
-    )
+    network = network_for(recipe)
     network.load_state_dict(torch.load(model_dir / "model.pt", weights_only=True))
     network = network.eval().to(memory_format=torch.channels_last)
     metadata = torch.from_numpy(encode_frame(val))

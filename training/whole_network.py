@@ -96,6 +96,15 @@ def validation_split_seed(recipe: Mapping[str, Any]) -> int:
     return int(recipe["seed"] if split is None else split)
 
 
+def network_for(recipe: Mapping[str, Any]) -> ScoringNetwork:
+    """The untrained scoring network a recipe (also one stored beside its weights) trains: one
+    FusionNet, or a FusionEnsemble of one per training seed."""
+    members = 1 + len(recipe.get("further_member_seeds") or [])
+    if members == 1:
+        return FusionNet(**recipe["network"])
+    return FusionEnsemble(members, **recipe["network"])
+
+
 def clinic_prevalence_weights(
     clinics: np.ndarray, labels: np.ndarray, is_train: np.ndarray, max_weight: float
 ) -> np.ndarray:
@@ -318,18 +327,16 @@ class WholeNetworkTrainer:
             torch.save(network.state_dict(), checkpoints / f"epoch-{epoch + 1:02d}.pt")
 
         network.eval()
-        finish_started = time.monotonic()
-        report = self.finish(network, frame, is_val, images, metadata)
         epochs = [json.loads(line) for line in history_file.read_text().splitlines() if line]
-        report["epochs"] = epochs
-        report["training_seconds"] = round(sum(e["seconds"] for e in epochs), 1)
-        report["finish_seconds"] = round(time.monotonic() - finish_started, 1)
-        report["device"] = str(self.device)
-        report["recipe"] = asdict(recipe)
-        if self.held_out_clinic is not None:
-            report["held_out_clinic"] = self.held_out_clinic
-        self._save(network, report)
-        return report
+        return self._finish_and_save(
+            network,
+            frame,
+            is_val,
+            images,
+            metadata,
+            epochs=epochs,
+            training_seconds=round(sum(e["seconds"] for e in epochs), 1),
+        )
 
     def _run_ensemble(self) -> dict[str, Any]:
         """Train (or reuse) each member on the same split, then calibrate and validate their
@@ -352,7 +359,8 @@ class WholeNetworkTrainer:
             )
             reports.append(member.trained_report() or member.run())
             members.append(member)
-        ensemble = FusionEnsemble(len(members), **recipe.network)
+        ensemble = network_for(asdict(recipe))
+        assert isinstance(ensemble, FusionEnsemble)
         for network, member in zip(ensemble.members, members, strict=True):
             weights = member.output_dir / "model.pt"
             network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -361,16 +369,36 @@ class WholeNetworkTrainer:
         is_val = self._validation_rows(frame)
         images = decoded_images(list(frame.image), recipe.image_size, self.cache_dir)
         metadata = torch.from_numpy(encode_frame(frame))
+        return self._finish_and_save(
+            ensemble,
+            frame,
+            is_val,
+            images,
+            metadata,
+            members=reports,
+            training_seconds=round(sum(r["training_seconds"] for r in reports), 1),
+        )
+
+    def _finish_and_save(
+        self,
+        network: ScoringNetwork,
+        frame: pd.DataFrame,
+        is_val: np.ndarray,
+        images: torch.Tensor,
+        metadata: torch.Tensor,
+        **how_trained: Any,
+    ) -> dict[str, Any]:
+        """Calibrate, validate and save a trained network (one, or the members' average);
+        ``how_trained`` (its epochs or its members, and the seconds they took) joins the report."""
         finish_started = time.monotonic()
-        report = self.finish(ensemble, frame, is_val, images, metadata)
-        report["members"] = reports
-        report["training_seconds"] = round(sum(r["training_seconds"] for r in reports), 1)
+        report = self.finish(network, frame, is_val, images, metadata)
+        report.update(how_trained)
         report["finish_seconds"] = round(time.monotonic() - finish_started, 1)
         report["device"] = str(self.device)
-        report["recipe"] = asdict(recipe)
+        report["recipe"] = asdict(self.recipe)
         if self.held_out_clinic is not None:
             report["held_out_clinic"] = self.held_out_clinic
-        self._save(ensemble, report)
+        self._save(network, report)
         return report
 
     def trained_report(self) -> dict[str, Any] | None:

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from monai_bundle.scripts.network import FusionEnsemble, FusionNet
 from training.whole_network import (
     Recipe,
     WholeNetworkTrainer,
     _platt,
     clinic_prevalence_weights,
+    network_for,
     validation_split_seed,
 )
 
@@ -58,3 +60,13 @@ def test_a_stored_recipe_names_the_split_its_own_split_seed_drew() -> None:
     assert validation_split_seed(asdict(member)) == 20261130
     assert validation_split_seed(asdict(Recipe(seed=7))) == 7  # split_seed unset
     assert validation_split_seed({"seed": 7}) == 7  # stored before the field existed
+
+
+def test_a_recipe_builds_one_network_or_one_per_training_seed() -> None:
+    views = {"test_time_views": ["identity", "hflip"]}
+    one = network_for({"seed": 1, "network": views})  # stored before further_member_seeds
+    assert isinstance(one, FusionNet) and one.test_time_views == ("identity", "hflip")
+    assert isinstance(network_for(asdict(Recipe(network=views))), FusionNet)
+    three = network_for(asdict(Recipe(network=views, further_member_seeds=[2, 3])))
+    assert isinstance(three, FusionEnsemble) and len(three.members) == 3
+    assert all(m.test_time_views == ("identity", "hflip") for m in three.members)
