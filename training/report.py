@@ -3,7 +3,8 @@
 Writes ``metrics.json`` (AUC with intervals, sensitivity/specificity/PPV at the operating point,
 ECE, accuracy/F1/balanced accuracy on the natural balance and on a 1:1 resample), ``roc.png``,
 ``reliability.png``, ``confusion.json``, ``subgroups.csv`` (sex, age band, site),
-``diagnoses.csv`` (what the operating point does to each benign diagnosis) and
+``diagnoses.csv`` (what the operating point does to each benign diagnosis),
+``predictions.csv`` (every case's probability with and without its metadata, and the decision) and
 ``report.md`` with the ablation: fusion / image only (metadata withheld) / metadata only (a
 logistic regression on the 29,559-row ISIC 2020 table plus the HAM10000 training rows).
 ISIC 2020 rows are reweighted to the table's real melanoma prevalence wherever the class balance
@@ -168,6 +169,7 @@ class EvaluationReport:
             metrics["subsets"][name] = entry
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics["diagnoses"] = self._diagnoses(val, probabilities["fusion"], threshold)
+        self._predictions(val, probabilities, threshold)
         (self.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         self._confusion(labels, probabilities["fusion"], threshold, subsets, weights)
         self._subgroups(val, probabilities["fusion"], threshold)
@@ -351,6 +353,23 @@ class EvaluationReport:
         pd.DataFrame(rows).to_csv(self.output_dir / "diagnoses.csv", index=False)
         return rows
 
+    def _predictions(
+        self, val: pd.DataFrame, probabilities: dict[str, np.ndarray], threshold: float
+    ) -> None:
+        """Every validation case's probability, with and without its metadata: a reviewer can
+        look up any case, and the served path is checked against it case by case."""
+        pd.DataFrame(
+            {
+                "image_name": val.image_name.to_numpy(),
+                "source": val.source.to_numpy(),
+                "diagnosis": val.diagnosis.to_numpy(),
+                "melanoma": val.label.to_numpy(),
+                "melanoma_probability": probabilities["fusion"],
+                "melanoma_suspected": (probabilities["fusion"] >= threshold).astype(int),
+                "probability_without_metadata": probabilities["image_only"],
+            }
+        ).to_csv(self.output_dir / "predictions.csv", index=False, float_format="%.7g")
+
     def _plots(
         self,
         labels: np.ndarray,
@@ -482,8 +501,8 @@ class EvaluationReport:
             )
         lines += [
             "",
-            "Files: metrics.json, confusion.json, subgroups.csv, diagnoses.csv, roc.png, "
-            "reliability.png.",
+            "Files: metrics.json, confusion.json, subgroups.csv, diagnoses.csv, predictions.csv, "
+            "roc.png, reliability.png.",
             "",
         ]
         (self.output_dir / "report.md").write_text("\n".join(lines))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
@@ -15,8 +16,7 @@ from monai_bundle.scripts.transforms import load_rgb
 from plugin.cli import main
 from plugin.domain import Demographics, Source, Sourced
 from tests.conftest import REPO_ROOT
-from training.data import DIAGNOSES, load_cases, split_by_group
-from training.whole_network import validation_split_seed
+from training.data import DIAGNOSES, load_cases
 
 pytestmark = pytest.mark.integration
 BUNDLE = REPO_ROOT / "monai_bundle"
@@ -113,33 +113,55 @@ def _sourced(value: object) -> Sourced:
     return Sourced(value, Source.CSV, "metadata.csv") if known else Sourced.missing()
 
 
-def test_shipped_weights_reproduce_the_model_card_auc(shared_data: Path, fusion_model) -> None:  # type: ignore[no-untyped-def]
-    """Re-score the committed validation split with the shipped weights, as `infer` would."""
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """`dermfusion evaluate` once: the shipped networks over the whole validation split take
+    minutes, and both tests below read its folder."""
+    out = tmp_path_factory.mktemp("evaluation") / "report"
+    assert main(["evaluate", "--data-root", str(shared_data), "--out", str(out)]) == 0
+    return out
+
+
+# Cases per source and class scored through the served path (the whole split would take
+# minutes more; the evaluation's per-case probabilities stand for the rest).
+SERVED_CASES_PER_GROUP = 16
+
+
+def test_the_served_path_reproduces_the_model_card_case_by_case(  # type: ignore[no-untyped-def]
+    evaluation: Path, shared_data: Path, fusion_model
+) -> None:
+    """The card's AUC is the evaluation's per-case probabilities; the plugin, scoring as `infer`
+    would (the service's runtime, transforms from the source file), gives those same
+    probabilities and decisions for cases of every source and class, with metadata and without."""
     metrics = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())
-    recipe = metrics["recipe"]
-    cases = load_cases(shared_data, recipe["include_archive"])
-    is_val = split_by_group(cases, recipe["val_fraction"], validation_split_seed(recipe))
-    val = cases.frame[is_val]
-    assert len(val) == metrics["subsets"]["all"]["with_metadata"]["n"]
-    probabilities: list[float] = []
-    rows = list(val.itertuples())
-    for start in range(0, len(rows), 32):
-        batch = rows[start : start + 32]
-        findings = fusion_model.score(
-            [load_rgb(r.image) for r in batch],
-            [Demographics(_sourced(r.age), _sourced(r.sex), _sourced(r.site)) for r in batch],
-        )
-        probabilities += [f.probability for f in findings]
-    auc = roc_auc_score(val.label, probabilities)
-    assert auc == pytest.approx(metrics["subsets"]["all"]["with_metadata"]["auc"], abs=1e-3)
+    predictions = pd.read_csv(evaluation / "predictions.csv")
+    assert len(predictions) == metrics["subsets"]["all"]["with_metadata"]["n"]
+    auc = roc_auc_score(predictions.melanoma, predictions.melanoma_probability)
+    assert auc == pytest.approx(metrics["subsets"]["all"]["with_metadata"]["auc"], abs=1e-4)
     assert f"{auc:.3f}" in (BUNDLE / "docs" / "README.md").read_text()
 
+    drawn = predictions.groupby(["source", "melanoma"]).sample(
+        n=SERVED_CASES_PER_GROUP, random_state=0
+    )
+    assert drawn.source.nunique() == 3 and drawn.melanoma.nunique() == 2
+    cases = load_cases(shared_data, metrics["recipe"]["include_archive"]).frame
+    rows = list(cases.set_index("image_name").loc[drawn.image_name].itertuples())
+    images = [load_rgb(r.image) for r in rows]
+    given = fusion_model.score(
+        images, [Demographics(_sourced(r.age), _sourced(r.sex), _sourced(r.site)) for r in rows]
+    )
+    np.testing.assert_allclose(
+        [f.probability for f in given], drawn.melanoma_probability, rtol=1e-5, atol=1e-8
+    )
+    assert [int(f.melanoma_suspected) for f in given] == drawn.melanoma_suspected.tolist()
+    withheld = fusion_model.score(images, [Demographics.unknown()] * len(images))
+    np.testing.assert_allclose(
+        [f.probability for f in withheld], drawn.probability_without_metadata, rtol=1e-5, atol=1e-8
+    )
 
-def test_evaluate_writes_the_report_and_agrees_with_training(
-    tmp_path: Path, shared_data: Path
-) -> None:
-    out = tmp_path / "report"
-    assert main(["evaluate", "--data-root", str(shared_data), "--out", str(out)]) == 0
+
+def test_evaluate_writes_the_report_and_agrees_with_training(evaluation: Path) -> None:
+    out = evaluation
     metrics = json.loads((out / "metrics.json").read_text())
     trained = json.loads((BUNDLE / "models" / "validation_metrics.json").read_text())
     for subset in ("all", "ham10000", "isic2020", "isic_archive"):
@@ -169,6 +191,14 @@ def test_evaluate_writes_the_report_and_agrees_with_training(
     assert sum(d["n"] for d in diagnoses) == benign
     assert sum(d["flagged"] for d in diagnoses) == confusion["false_positive"]
     assert all(d["ham10000"] + d["isic2020"] + d["isic_archive"] == d["n"] for d in diagnoses)
+    # the per-case file holds the same decisions and both metadata modes
+    predictions = pd.read_csv(out / "predictions.csv")
+    flagged = predictions.melanoma_suspected == 1
+    assert (predictions.melanoma[flagged] == 0).sum() == confusion["false_positive"]
+    assert (predictions.melanoma[~flagged] == 1).sum() == confusion["false_negative"]
+    assert roc_auc_score(
+        predictions.melanoma, predictions.probability_without_metadata
+    ) == pytest.approx(trained["subsets"]["all"]["no_metadata"]["auc"], abs=1e-4)
     committed = (BUNDLE / "docs" / "evaluation" / "report.md").read_text()
     assert (out / "report.md").read_text() == committed
 
